@@ -1,0 +1,170 @@
+// Batch-OMP per latent vector (Rubinstein, Zibulevsky & Elad 2008; LASERS supplementary Algorithm 1).
+//
+// Torch-free on purpose: the C++ CPU kernel, the CUDA kernel and the standalone native test (ctest) all include
+// this header. The small S x S pieces (Cholesky append, triangular solves) are __host__ __device__ so every backend
+// shares one definition of the numerics; the K-wide loops (correlation update, argmax) are written per backend.
+//
+// Conventions shared by every backend (lasers_ext/ops.py documents them for users):
+//   * Atoms are the rows of the dictionary, normalised to unit length before coding; a zero atom is never chosen.
+//   * Selection: j = argmax_k |alpha_k| over atoms not yet chosen, lowest index on ties.
+//   * A vector stops early, leaving its remaining slots unused (index -1, coefficient 0), when
+//       - its squared residual norm is <= tol (checked before every selection, including the first), or
+//       - its residual is numerically zero: max_k alpha_k^2 <= eps * ||x||^2 (covers x = 0), or
+//       - the selected atom is linearly dependent on those already chosen: the new Cholesky pivot
+//         1 - w^T w falls below sqrt(eps) (eps = machine epsilon of the compute dtype).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define LASERS_HD __host__ __device__ __forceinline__
+#else
+#define LASERS_HD inline
+#endif
+
+namespace lasers {
+namespace core {
+
+// Stopping thresholds for compute type T (see the conventions above).
+template <typename T>
+struct Thresholds {
+  T pivot_min;    // smallest accepted squared Cholesky pivot (atoms have unit norm, so pivots lie in [0, 1])
+  T corr_rel_sq;  // residual is zero once max alpha^2 <= corr_rel_sq * ||x||^2
+};
+
+template <typename T>
+LASERS_HD Thresholds<T> default_thresholds() {
+  const T eps = std::numeric_limits<T>::epsilon();
+  return Thresholds<T>{static_cast<T>(std::sqrt(eps)), eps};
+}
+
+// Appends atom j to the Cholesky factor L (row-major, leading dimension ld) of G_TT, T = support[0..s).
+// Solves L[0:s,0:s] w = G[T, j] into row s of L and sets L[s][s] = sqrt(G_jj - w^T w).
+// Returns false (leaving row s unusable) when the pivot is below pivot_min: atom j depends linearly on T.
+template <typename T, typename GramRow>
+LASERS_HD bool cholesky_append(T* L, int ld, int s, GramRow gram_tj, T g_jj, T pivot_min) {
+  T* w = L + s * ld;
+  T ww = T(0);
+  for (int r = 0; r < s; ++r) {
+    T acc = gram_tj(r);
+    for (int c = 0; c < r; ++c) acc -= L[r * ld + c] * w[c];
+    acc /= L[r * ld + r];
+    w[r] = acc;
+    ww += acc * acc;
+  }
+  const T pivot = g_jj - ww;
+  if (!(pivot >= pivot_min)) return false;
+  w[s] = std::sqrt(pivot);
+  return true;
+}
+
+// One forward-substitution step of L y = alpha0_T: y[s] from the already known y[0..s).
+template <typename T>
+LASERS_HD T forward_step(const T* L, int ld, int s, const T* y, T alpha0_j) {
+  T acc = alpha0_j;
+  for (int c = 0; c < s; ++c) acc -= L[s * ld + c] * y[c];
+  return acc / L[s * ld + s];
+}
+
+// Back substitution L^T gamma = y for an n x n lower-triangular L.
+template <typename T>
+LASERS_HD void back_solve(const T* L, int ld, int n, const T* y, T* gamma) {
+  for (int r = n - 1; r >= 0; --r) {
+    T acc = y[r];
+    for (int c = r + 1; c < n; ++c) acc -= L[c * ld + r] * gamma[c];
+    gamma[r] = acc / L[r * ld + r];
+  }
+}
+
+// Read-only data shared by all vectors of one call (host backends).
+template <typename T>
+struct HostProblem {
+  const T* atoms_t;    // (M, K) normalised atoms, transposed, so alpha0 = sum_m x_m * atoms_t[m, :] runs over K
+  const T* gram;       // (K, K) Gram matrix of the normalised atoms, row-major, symmetric
+  const T* inv_norm;   // (K) 1 / ||atom_k|| (0 for zero atoms): converts coefficients back to the given atoms
+  int64_t K, M;
+  int S;
+  T tol;               // stop once ||r||^2 <= tol; negative disables
+  Thresholds<T> th;
+};
+
+// Per-thread scratch; sizes K, K, S*S, S, S. Allocated once per thread, reused for every vector.
+template <typename T>
+struct HostScratch {
+  T* alpha0;
+  T* alpha;
+  T* L;
+  T* y;
+  T* gamma;
+};
+
+// Codes one vector x (M) into idx (S, int64, -1 = unused) and coef (S, w.r.t. the given atoms).
+// Returns the number of atoms used.
+template <typename T>
+inline int host_encode(const HostProblem<T>& p, const T* x, const HostScratch<T>& w, int64_t* idx, T* coef) {
+  const int64_t K = p.K;
+  const int S = p.S;
+  T* __restrict__ alpha0 = w.alpha0;
+  T* __restrict__ alpha = w.alpha;
+
+  // alpha0 = D_n x and ||x||^2.
+  T xx = T(0);
+  for (int64_t k = 0; k < K; ++k) alpha0[k] = T(0);
+  for (int64_t m = 0; m < p.M; ++m) {
+    const T xm = x[m];
+    xx += xm * xm;
+    const T* __restrict__ row = p.atoms_t + m * K;
+    for (int64_t k = 0; k < K; ++k) alpha0[k] += xm * row[k];
+  }
+
+  T residual = xx;  // ||r||^2 = ||x||^2 - ||y||^2 with L y = alpha0_T
+  const T zero_level = p.th.corr_rel_sq * xx;
+  const T* cur = alpha0;
+  int s = 0;
+  for (; s < S; ++s) {
+    if (residual <= p.tol) break;
+    // argmax |alpha| over unchosen atoms, lowest index on ties: chosen atoms are masked to 0 first.
+    for (int t = 0; t < s; ++t) alpha[idx[t]] = T(0);
+    T best = T(-1);
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = std::fabs(cur[k]);
+      best = a > best ? a : best;
+    }
+    if (best * best <= zero_level) break;
+    int64_t j = 0;
+    while (std::fabs(cur[j]) != best) ++j;
+
+    const T* gram_j = p.gram + j * K;
+    auto gram_tj = [&](int r) { return gram_j[idx[r]]; };
+    if (!cholesky_append(w.L, S, s, gram_tj, gram_j[j], p.th.pivot_min)) break;
+    w.y[s] = forward_step(w.L, S, s, w.y, alpha0[j]);
+    residual -= w.y[s] * w.y[s];
+    idx[s] = j;
+    if (s + 1 == S) {
+      ++s;
+      break;
+    }
+    // alpha = alpha0 - G_T gamma (rows of the symmetric G are its columns).
+    back_solve(w.L, S, s + 1, w.y, w.gamma);
+    for (int64_t k = 0; k < K; ++k) alpha[k] = alpha0[k];
+    for (int t = 0; t <= s; ++t) {
+      const T g = w.gamma[t];
+      const T* __restrict__ row = p.gram + idx[t] * K;
+      for (int64_t k = 0; k < K; ++k) alpha[k] -= g * row[k];
+    }
+    cur = alpha;
+  }
+  const int used = s;
+  back_solve(w.L, S, used, w.y, w.gamma);
+  for (int t = 0; t < used; ++t) coef[t] = w.gamma[t] * p.inv_norm[idx[t]];
+  for (int t = used; t < S; ++t) {
+    idx[t] = -1;
+    coef[t] = T(0);
+  }
+  return used;
+}
+
+}  // namespace core
+}  // namespace lasers

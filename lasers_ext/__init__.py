@@ -1,0 +1,11 @@
+"""lasers_ext: a dictionary-learning (Batch-OMP) bottleneck for VQ-VAE/VQ-GAN style models.
+
+Public API:
+    batch_omp(x, dictionary, sparsity, *, tol=None, backend="auto") -> SparseCodes(indices, coeffs)
+    sparse_decode(indices, coeffs, dictionary) -> (..., M)
+"""
+
+from .ops import BACKENDS, SparseCodes, available_backends, batch_omp, sparse_decode
+
+__all__ = ["BACKENDS", "SparseCodes", "available_backends", "batch_omp", "sparse_decode"]
+__version__ = "0.1.0"
