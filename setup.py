@@ -51,7 +51,7 @@ def _cuda_wanted() -> bool:
 
 def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp-simd"]
     if not _cuda_wanted():
         return CppExtension("lasers_ext._C", sources, extra_compile_args={"cxx": cxx})
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():

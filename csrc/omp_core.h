@@ -90,71 +90,129 @@ struct HostProblem {
   Thresholds<T> th;
 };
 
-// Per-thread scratch; sizes K, K, S*S, S, S. Allocated once per thread, reused for every vector.
+// Per-thread scratch, allocated once per thread and reused for every vector.
 template <typename T>
 struct HostScratch {
-  T* alpha0;
-  T* alpha;
-  T* L;
-  T* y;
-  T* gamma;
+  T* alpha0;       // K
+  T* alpha;        // K
+  T* L;            // S * S
+  T* y;            // S
+  T* gamma;        // S
+  T* neg_gamma;    // S
+  const T** rows;  // max(M, S) row pointers
 };
+
+// K-wide host loops, written in the inner-loop-over-k form that compilers vectorise. They are force-inlined so that
+// every SIMD clone of the CPU kernel (see cpu/omp_cpu.cpp) gets its own vector code.
+#if defined(__GNUC__)
+#define LASERS_HOST_INLINE inline __attribute__((always_inline))
+#else
+#define LASERS_HOST_INLINE inline
+#endif
+
+// out[k] += sum_{r < R} c[r] * rows[r][k]: R rows per pass, so out is loaded and stored once per R rows.
+template <int R, typename T>
+LASERS_HOST_INLINE void host_axpy_rows(T* __restrict__ out, const T* const* rows, const T* c, int64_t K) {
+  const T* __restrict__ r0 = rows[0];
+  const T* __restrict__ r1 = rows[R > 1 ? 1 : 0];
+  const T* __restrict__ r2 = rows[R > 2 ? 2 : 0];
+  const T* __restrict__ r3 = rows[R > 3 ? 3 : 0];
+  const T c0 = c[0], c1 = R > 1 ? c[1] : T(0), c2 = R > 2 ? c[2] : T(0), c3 = R > 3 ? c[3] : T(0);
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) {
+    T acc = out[k] + c0 * r0[k];
+    if (R > 1) acc += c1 * r1[k];
+    if (R > 2) acc += c2 * r2[k];
+    if (R > 3) acc += c3 * r3[k];
+    out[k] = acc;
+  }
+}
+
+// out[k] = base[k] + sum_{t < n} c[t] * rows[t][k], four rows per pass (base may be null for zeros).
+template <typename T>
+LASERS_HOST_INLINE void host_combine_rows(T* __restrict__ out, const T* __restrict__ base, const T* const* rows,
+                                          const T* c, int n, int64_t K) {
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) out[k] = base ? base[k] : T(0);
+  int t = 0;
+  for (; t + 4 <= n; t += 4) host_axpy_rows<4>(out, rows + t, c + t, K);
+  switch (n - t) {
+    case 3: host_axpy_rows<3>(out, rows + t, c + t, K); break;
+    case 2: host_axpy_rows<2>(out, rows + t, c + t, K); break;
+    case 1: host_axpy_rows<1>(out, rows + t, c + t, K); break;
+    default: break;
+  }
+}
+
+// max_k |a[k]| (0 for an all-zero a).
+template <typename T>
+LASERS_HOST_INLINE T host_abs_max(const T* __restrict__ a, int64_t K) {
+  T best = T(0);
+#pragma omp simd reduction(max : best)
+  for (int64_t k = 0; k < K; ++k) {
+    const T v = std::fabs(a[k]);
+    best = v > best ? v : best;
+  }
+  return best;
+}
+
+// Lowest k with |a[k]| == v (v must occur): vectorised block test, then a scalar scan inside the block.
+template <typename T>
+LASERS_HOST_INLINE int64_t host_first_abs_equal(const T* __restrict__ a, int64_t K, T v) {
+  constexpr int64_t B = 16;
+  int64_t k = 0;
+  for (; k + B <= K; k += B) {
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int64_t l = 0; l < B; ++l) hit |= (std::fabs(a[k + l]) == v);
+    if (hit) break;
+  }
+  while (std::fabs(a[k]) != v) ++k;
+  return k;
+}
 
 // Codes one vector x (M) into idx (S, int64, -1 = unused) and coef (S, w.r.t. the given atoms).
 // Returns the number of atoms used.
 template <typename T>
-inline int host_encode(const HostProblem<T>& p, const T* x, const HostScratch<T>& w, int64_t* idx, T* coef) {
+LASERS_HOST_INLINE int host_encode(const HostProblem<T>& p, const T* x, const HostScratch<T>& w, int64_t* idx, T* coef) {
   const int64_t K = p.K;
   const int S = p.S;
-  T* __restrict__ alpha0 = w.alpha0;
-  T* __restrict__ alpha = w.alpha;
-
-  // alpha0 = D_n x and ||x||^2.
+  // alpha0 = D_n x as a combination of the rows of atoms_t (M, K).
   T xx = T(0);
-  for (int64_t k = 0; k < K; ++k) alpha0[k] = T(0);
   for (int64_t m = 0; m < p.M; ++m) {
-    const T xm = x[m];
-    xx += xm * xm;
-    const T* __restrict__ row = p.atoms_t + m * K;
-    for (int64_t k = 0; k < K; ++k) alpha0[k] += xm * row[k];
+    xx += x[m] * x[m];
+    w.rows[m] = p.atoms_t + m * K;
   }
-
-  T residual = xx;  // ||r||^2 = ||x||^2 - ||y||^2 with L y = alpha0_T
+  host_combine_rows<T>(w.alpha0, nullptr, w.rows, x, static_cast<int>(p.M), K);
   const T zero_level = p.th.corr_rel_sq * xx;
-  const T* cur = alpha0;
+  T residual = xx;  // ||r||^2 = ||x||^2 - ||y||^2 with L y = alpha0_T
+  const T* alpha = w.alpha0;
   int s = 0;
   for (; s < S; ++s) {
     if (residual <= p.tol) break;
-    // argmax |alpha| over unchosen atoms, lowest index on ties: chosen atoms are masked to 0 first.
-    for (int t = 0; t < s; ++t) alpha[idx[t]] = T(0);
-    T best = T(-1);
-    for (int64_t k = 0; k < K; ++k) {
-      const T a = std::fabs(cur[k]);
-      best = a > best ? a : best;
-    }
+    const T best = host_abs_max(alpha, K);
     if (best * best <= zero_level) break;
-    int64_t j = 0;
-    while (std::fabs(cur[j]) != best) ++j;
+    const int64_t j = host_first_abs_equal(alpha, K, best);
 
     const T* gram_j = p.gram + j * K;
     auto gram_tj = [&](int r) { return gram_j[idx[r]]; };
     if (!cholesky_append(w.L, S, s, gram_tj, gram_j[j], p.th.pivot_min)) break;
-    w.y[s] = forward_step(w.L, S, s, w.y, alpha0[j]);
+    w.y[s] = forward_step(w.L, S, s, w.y, w.alpha0[j]);
     residual -= w.y[s] * w.y[s];
     idx[s] = j;
     if (s + 1 == S) {
       ++s;
       break;
     }
-    // alpha = alpha0 - G_T gamma (rows of the symmetric G are its columns).
     back_solve(w.L, S, s + 1, w.y, w.gamma);
-    for (int64_t k = 0; k < K; ++k) alpha[k] = alpha0[k];
+    // alpha = alpha0 - G_T gamma (rows of the symmetric G are its columns).
     for (int t = 0; t <= s; ++t) {
-      const T g = w.gamma[t];
-      const T* __restrict__ row = p.gram + idx[t] * K;
-      for (int64_t k = 0; k < K; ++k) alpha[k] -= g * row[k];
+      w.rows[t] = p.gram + idx[t] * K;
+      w.neg_gamma[t] = -w.gamma[t];
     }
-    cur = alpha;
+    host_combine_rows<T>(w.alpha, w.alpha0, w.rows, w.neg_gamma, s + 1, K);
+    for (int t = 0; t <= s; ++t) w.alpha[idx[t]] = T(0);  // chosen atoms are never picked again
+    alpha = w.alpha;
   }
   const int used = s;
   back_solve(w.L, S, used, w.y, w.gamma);
