@@ -64,19 +64,19 @@ def _omp_chunk(X: Tensor, unit: Tensor, S: int, tol: float | None, eps: float) -
         # Rule 1: the residual is small enough.
         if tol is not None:
             active &= (residual * residual).sum(1) > tol
-        corr = residual @ unit.T  # (n, K)
+        rows = active.nonzero().squeeze(1)
+        corr = residual[rows] @ unit.T  # (r, K)
         if s > 0:
-            corr.scatter_(1, support[:, :s], 0.0)  # never pick an atom twice
+            corr.scatter_(1, support[rows, :s], 0.0)  # never pick an atom twice
         abs_corr = corr.abs()
         j = abs_corr.argmax(dim=1)  # torch.argmax returns the first maximum: lowest index on ties
-        best_abs = abs_corr.gather(1, j[:, None]).squeeze(1)
         # Rule 2: the residual is numerically zero.
-        active &= best_abs.square() > eps * xx
-        rows = active.nonzero().squeeze(1)
+        nonzero = abs_corr.gather(1, j[:, None]).squeeze(1).square() > eps * xx[rows]
+        active[rows[~nonzero]] = False
+        rows, jr = rows[nonzero], j[nonzero]
         if rows.numel() == 0:
             break
         T_prev = support[rows, :s]
-        jr = j[rows]
         # Rule 3: the new atom depends linearly on the chosen ones (Schur complement of G_TT).
         if s > 0:
             g_prev = gram[T_prev[:, :, None], T_prev[:, None, :]]

@@ -93,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> batch_omp_cpu(const at::Tensor& x, const at::
   const at::Tensor norms = dictionary.norm(2, /*dim=*/1, /*keepdim=*/true);  // (K, 1)
   const at::Tensor nonzero = norms > 0;
   const at::Tensor inv_norm = at::where(nonzero, norms.reciprocal(), at::zeros_like(norms));
-  const at::Tensor unit = dictionary * inv_norm;                            // (K, M), zero atoms stay zero
+  const at::Tensor unit = at::where(nonzero, dictionary / norms, at::zeros_like(dictionary));  // (K, M)
   const at::Tensor gram = at::mm(unit, unit.t()).contiguous();              // (K, K)
   const at::Tensor atoms_t = unit.t().contiguous();                         // (M, K)
   const at::Tensor inv_flat = inv_norm.reshape({-1}).contiguous();

@@ -1,0 +1,164 @@
+"""Batch-OMP throughput: every available backend against outside anchors, side by side in one run.
+
+Run ``python bench/omp_bench.py``, ``python -m lasers_ext.benchmark`` or ``lasers-omp-bench``. Defaults are the
+paper's shape (K=512 atoms, M=16, S=5) over several N. Anchors:
+
+* ``sklearn``: scikit-learn's ``orthogonal_mp_gram`` (Rubinstein's Batch-OMP with a Python loop over signals),
+  given the Gram matrix and D^T x precomputed (their cost is not timed).
+* ``naive-torch``: an eager batched-PyTorch Batch-OMP, the style of the paper authors' code ((N, K) correlations,
+  one batched solve per step).
+
+Slow implementations (the anchors and the float64 reference) are timed on the first ``--slow-max-n`` vectors only;
+their per-vector cost does not fall with N, so vectors/second stays comparable. Ratios are against sklearn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .ops import available_backends, batch_omp
+
+SLOW = {"sklearn", "naive-torch", "reference"}
+
+
+def naive_torch_omp(x: torch.Tensor, unit: torch.Tensor, sparsity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager batched Batch-OMP over unit-norm atoms: (N, S) indices and coefficients. An anchor, not an oracle."""
+    gram = unit @ unit.T
+    alpha0 = x @ unit.T  # (N, K)
+    alpha = alpha0
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    support = torch.empty((x.shape[0], 0), dtype=torch.long, device=x.device)
+    gamma = None
+    for _ in range(sparsity):
+        j = alpha.abs().argmax(dim=1, keepdim=True)
+        support = torch.cat([support, j], dim=1)
+        g_tt = gram[support[:, :, None], support[:, None, :]]
+        gamma = torch.linalg.solve(g_tt, alpha0[rows, support])
+        alpha = alpha0 - (gamma.unsqueeze(1) @ gram[support]).squeeze(1)
+    return support, gamma
+
+
+def _time(fn: Callable[[], object], repeats: int) -> float:
+    """Best wall time of ``repeats`` runs after one warm-up (seconds)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _implementations(dictionary: torch.Tensor, sparsity: int, device: torch.device, names: set[str] | None):
+    """Yields (name, prepare) pairs; ``prepare(xs)`` does untimed set-up and returns the thunk to time."""
+    unit = dictionary / dictionary.norm(dim=1, keepdim=True)
+    wanted = lambda name: names is None or name in names  # noqa: E731
+    for backend in available_backends(device):
+        if wanted(backend):
+            yield backend, lambda xs, b=backend: lambda: batch_omp(xs, dictionary, sparsity, backend=b)
+    if wanted("naive-torch"):
+        yield "naive-torch", lambda xs: lambda: naive_torch_omp(xs, unit, sparsity)
+    if wanted("sklearn"):
+        try:
+            from sklearn.linear_model import orthogonal_mp_gram
+        except ImportError:
+            print("scikit-learn is not installed: skipping the sklearn anchor", file=sys.stderr)
+            return
+        gram = (unit @ unit.T).cpu().numpy()
+
+        def prepare_sklearn(xs: torch.Tensor) -> Callable[[], object]:
+            xy = np.ascontiguousarray((xs @ unit.T).cpu().numpy().T)  # (K, n)
+            return lambda: orthogonal_mp_gram(gram, xy, n_nonzero_coefs=sparsity, copy_Gram=True, copy_Xy=False)
+
+        yield "sklearn", prepare_sklearn
+
+
+def run(
+    K: int = 512, M: int = 16, S: int = 5, Ns=(1024, 16384, 65536), dtype: str = "float32", device: str = "cpu",
+    repeats: int = 3, slow_max_n: int = 4096, names=None, seed: int = 0,
+) -> dict:
+    """Times every implementation; returns a JSON-ready dict with one row per (implementation, N)."""
+    dev = torch.device(device)
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(seed)
+    dictionary = torch.randn(K, M, generator=g, dtype=torch.float64)
+    dictionary = (dictionary / dictionary.norm(dim=1, keepdim=True)).to(dev, dt)
+    x_all = torch.randn(max(Ns), M, generator=g, dtype=torch.float64).to(dev, dt)
+    rows = []
+    for n in Ns:
+        x = x_all[:n]
+        for name, prepare in _implementations(dictionary, S, dev, names):
+            n_used = min(n, slow_max_n) if name in SLOW else n
+            seconds = _time(prepare(x[:n_used]), repeats)
+            rows.append({"impl": name, "N": n, "timed_N": n_used, "seconds": seconds, "vectors_per_s": n_used / seconds})
+    for n in Ns:
+        base = next((r["vectors_per_s"] for r in rows if r["N"] == n and r["impl"] == "sklearn"), None)
+        for r in rows:
+            if r["N"] == n:
+                r["x_sklearn"] = r["vectors_per_s"] / base if base else None
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "problem": {"K": K, "M": M, "S": S, "dtype": dtype, "device": str(dev), "atoms": "random unit-norm",
+                    "signals": "standard normal"},
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "numpy": np.__version__,
+                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
+        "rows": rows,
+    }
+
+
+def format_table(result: dict) -> str:
+    p = result["problem"]
+    lines = [f"Batch-OMP  K={p['K']} M={p['M']} S={p['S']} {p['dtype']} on {p['device']} "
+             f"(torch {result['machine']['torch']}, {result['machine']['torch_threads']} threads)",
+             f"{'implementation':<14} {'N':>8} {'timed N':>8} {'vectors/s':>12} {'x sklearn':>10}"]
+    for r in result["rows"]:
+        ratio = f"{r['x_sklearn']:.1f}" if r["x_sklearn"] else "-"
+        lines.append(f"{r['impl']:<14} {r['N']:>8} {r['timed_N']:>8} {r['vectors_per_s']:>12,.0f} {ratio:>10}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--K", type=int, default=512, help="atoms in the dictionary")
+    ap.add_argument("--M", type=int, default=16, help="dimension of a vector")
+    ap.add_argument("--S", type=int, default=5, help="sparsity")
+    ap.add_argument("--N", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 16384, 65536],
+                    help="comma-separated numbers of vectors")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (best is kept), after a warm-up")
+    ap.add_argument("--slow-max-n", type=int, default=4096, help="vectors given to the anchors and the reference")
+    ap.add_argument("--only", default=None, help="comma-separated implementations to time (default: all)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = set(args.only.split(",")) if args.only else None
+    result = run(args.K, args.M, args.S, args.N, args.dtype, args.device, args.repeats, args.slow_max_n, names)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Batch-OMP kernels against two independent oracles: the float64 reference and scikit-learn's orthogonal_mp_gram."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_problem
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lasers_ext
+from lasers_ext import batch_omp, sparse_decode
+from lasers_ext.reference import batch_omp_reference
+
+KERNELS = [b for b in lasers_ext.available_backends("cpu") if b != "reference"]
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}  # well-conditioned
+
+
+def relative_error(a, b):
+    return ((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-30)).max().item()
+
+
+def is_near_tie(x, d, prefix, a, b, dtype):
+    """Whether atoms a and b correlate equally (to the precision of ``dtype``) with the residual of x on ``prefix``."""
+    x, d = x.double(), d.double()
+    unit = d / d.norm(dim=1, keepdim=True)
+    r = x
+    if len(prefix):
+        sol = torch.linalg.lstsq(unit[prefix].T, x[:, None]).solution[:, 0]
+        r = x - sol @ unit[prefix]
+    ca, cb = (unit[a] @ r).abs(), (unit[b] @ r).abs() if b >= 0 else 0.0
+    return abs(ca - cb) <= 100 * torch.finfo(dtype).eps * x.norm() * (1 + len(prefix))
+
+
+def assert_matches_reference(codes, x, d, s, tol=None):
+    """Same supports (up to near-ties at the compute precision, after which a row is not compared further) and
+    coefficients within the backward-stable bound c * eps * cond(G_TT) per vector."""
+    ref_idx, ref_coef = batch_omp_reference(x, d, s, tol)
+    differ = (codes.indices != ref_idx).any(1)
+    for n in differ.nonzero()[:, 0].tolist():
+        t = (codes.indices[n] != ref_idx[n]).nonzero()[0, 0].item()
+        a, b = codes.indices[n, t].item(), ref_idx[n, t].item()
+        assert a >= 0 and is_near_tie(x[n], d, ref_idx[n, :t], a, b, x.dtype), (
+            f"row {n}: slot {t} chose atom {a}, the float64 reference chose {b}, and that is no tie"
+        )
+    keep = ~differ
+    ref_idx, ref_coef, codes = ref_idx[keep], ref_coef[keep], lasers_ext.SparseCodes(*(c[keep] for c in codes))
+    valid = ref_idx >= 0
+    atoms = d.double()[ref_idx.clamp(min=0)] * valid.unsqueeze(-1)
+    atoms = atoms / atoms.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    gram = atoms @ atoms.transpose(1, 2) + torch.diag_embed((~valid).double())
+    cond = torch.linalg.cond(gram) if len(gram) else torch.ones(0, dtype=torch.float64)
+    ours, ref = codes.coeffs.double(), ref_coef.double()
+    err = (ours - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-30)
+    bound = 20 * torch.finfo(x.dtype).eps * cond
+    assert (err <= bound).all(), f"coefficient error {err.max():.3g} above bound at row {(err / bound).argmax()}"
+
+
+def sklearn_codes(x, d, s, tol=None):
+    """scikit-learn's Gram OMP over the normalised atoms, mapped to (N, K) coefficients of the given atoms."""
+    from sklearn.linear_model import orthogonal_mp_gram
+
+    x64, d64 = x.double().numpy(), d.double().numpy()
+    norms = np.linalg.norm(d64, axis=1)
+    unit = d64 / norms[:, None]
+    kwargs = dict(tol=tol) if tol is not None else dict(n_nonzero_coefs=s)
+    coef = orthogonal_mp_gram(unit @ unit.T, unit @ x64.T, norms_squared=(x64**2).sum(1), **kwargs)
+    return torch.from_numpy(np.atleast_2d(coef.T) / norms)  # (N, K)
+
+
+def dense(codes, k):
+    out = torch.zeros(codes.indices.shape[0], k, dtype=torch.float64)
+    valid = codes.indices >= 0
+    rows = torch.arange(codes.indices.shape[0])[:, None].expand_as(codes.indices)
+    out[rows[valid], codes.indices[valid]] = codes.coeffs[valid].double()
+    return out
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,m,k,s", [(2000, 16, 512, 5), (300, 8, 20, 8), (257, 32, 64, 1), (100, 5, 5, 5)])
+def test_matches_float64_reference(gen, backend, dtype, n, m, k, s):
+    x, d = random_problem(gen, n, m, k, dtype)
+    assert_matches_reference(batch_omp(x, d, s, backend=backend), x, d, s)
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+def test_matches_sklearn(gen, backend):
+    # Well-separated problem: few atoms, so greedy choices are far from ties.
+    x, d = random_problem(gen, 500, 16, 48, torch.float64)
+    codes = batch_omp(x, d, 4, backend=backend)
+    ours, theirs = dense(codes, 48), sklearn_codes(x, d, 4)
+    assert torch.equal(ours != 0, theirs != 0), "supports differ from scikit-learn"
+    rec = sparse_decode(codes.indices, codes.coeffs, d)
+    assert relative_error(rec, theirs @ d) < 1e-5
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_matches_sklearn_float32_paper_shape(gen, backend):
+    x, d = random_problem(gen, 1000, 16, 512, torch.float32)
+    codes = batch_omp(x, d, 5, backend=backend)
+    theirs = sklearn_codes(x, d, 5)
+    same = ((dense(codes, 512) != 0) == (theirs != 0)).all(1).float().mean().item()
+    assert same > 0.99  # float32 vs float64 may flip a near-tie now and then
+    rec = sparse_decode(codes.indices, codes.coeffs.double(), d.double())
+    agree = ((dense(codes, 512) != 0) == (theirs != 0)).all(1)
+    assert relative_error(rec[agree], (theirs @ d.double())[agree]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+def test_tol_stops_like_sklearn(gen, backend):
+    x, d = random_problem(gen, 300, 16, 48, torch.float64)
+    tol = 0.3 * 16  # about 30% of the mean energy
+    codes = batch_omp(x, d, 16, tol=tol, backend=backend)
+    residual = ((x - sparse_decode(codes.indices, codes.coeffs, d)) ** 2).sum(1)
+    used = (codes.indices >= 0).sum(1)
+    assert (residual <= tol + 1e-9).all()
+    # The stop is the earliest possible: with one atom fewer the residual was still above tol.
+    without_tol = batch_omp(x, d, 16, backend=backend)
+    for n in range(0, 300, 7):
+        u = used[n].item()
+        assert torch.equal(codes.indices[n, :u], without_tol.indices[n, :u])
+        if u > 1:
+            pre = batch_omp(x[n : n + 1], d, u - 1, backend=backend)
+            assert ((x[n] - sparse_decode(pre.indices, pre.coeffs, d)[0]) ** 2).sum() > tol
+    # scikit-learn always takes a first atom; we check tol before it, so compare where ||x||^2 > tol.
+    big = (x**2).sum(1) > tol
+    ours, theirs = dense(codes, 48)[big], sklearn_codes(x, d, 16, tol=tol)[big]
+    assert torch.equal(ours != 0, theirs != 0)
+    assert (codes.indices[~big] == -1).all()
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+def test_tol_above_signal_energy_uses_no_atom(gen, backend):
+    x, d = random_problem(gen, 10, 8, 16)
+    codes = batch_omp(x, d, 3, tol=1e6, backend=backend)
+    assert (codes.indices == -1).all() and (codes.coeffs == 0).all()
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparsity_one_is_nearest_atom_by_abs_correlation(gen, backend, dtype):
+    x, d = random_problem(gen, 1000, 16, 128, dtype, normalise=False)
+    codes = batch_omp(x, d, 1, backend=backend)
+    unit = d.double() / d.double().norm(dim=1, keepdim=True)
+    corr = x.double() @ unit.T
+    j = corr.abs().argmax(1)
+    assert torch.equal(codes.indices[:, 0], j)
+    expected = corr.gather(1, j[:, None])[:, 0] / d.double().norm(dim=1)[j]  # coefficient of the given atom
+    torch.testing.assert_close(codes.coeffs[:, 0].double(), expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparsity_m_reconstructs_exactly(gen, backend, dtype):
+    x, d = random_problem(gen, 500, 16, 64, dtype)
+    codes = batch_omp(x, d, 16, backend=backend)
+    rec = sparse_decode(codes.indices, codes.coeffs, d)
+    eps = torch.finfo(dtype).eps
+    # exact up to the documented "numerically zero residual" rule (max correlation <= sqrt(eps) ||x||)
+    assert relative_error(rec.double(), x.double()) < 100 * eps**0.5
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+def test_exactly_sparse_signals_recovered_orthonormal(gen, backend):
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=gen, dtype=torch.float64))
+    n, s = 400, 6
+    support = torch.stack([torch.randperm(32, generator=gen)[:s] for _ in range(n)])
+    coef = torch.randn(n, s, generator=gen, dtype=torch.float64).sign() * (1 + torch.rand(n, s, generator=gen))
+    x = sparse_decode(support, coef, q)
+    codes = batch_omp(x, q, s, backend=backend)
+    assert torch.equal(codes.indices.sort(1).values, support.sort(1).values)
+    torch.testing.assert_close(sparse_decode(codes.indices, codes.coeffs, q), x)
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+def test_exactly_sparse_signals_recovered_low_coherence(gen, backend):
+    # Two orthonormal bases (identity and a random rotation) have coherence mu ~ sqrt(2 log(2M)/M); OMP recovers any
+    # s-sparse signal when s < (1 + 1/mu) / 2 (Tropp 2004). With M=256, mu < 0.26: s=2 is guaranteed.
+    m = 256
+    q, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
+    d = torch.cat([torch.eye(m, dtype=torch.float64), q])
+    mu = (d @ d.T - torch.eye(2 * m, dtype=torch.float64)).abs().max().item()
+    s = 2
+    assert s < (1 + 1 / mu) / 2
+    n = 300
+    support = torch.stack([torch.randperm(2 * m, generator=gen)[:s] for _ in range(n)])
+    coef = torch.randn(n, s, generator=gen, dtype=torch.float64)
+    x = sparse_decode(support, coef, d)
+    codes = batch_omp(x, d, s, backend=backend)
+    assert torch.equal(codes.indices.sort(1).values, support.sort(1).values)
+    torch.testing.assert_close(codes.coeffs.gather(1, codes.indices.argsort(1)), coef.gather(1, support.argsort(1)))
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_vectors_use_no_atoms(gen, backend, dtype):
+    x, d = random_problem(gen, 50, 16, 64, dtype)
+    x[::3] = 0
+    codes = batch_omp(x, d, 5, backend=backend)
+    assert (codes.indices[::3] == -1).all() and (codes.coeffs[::3] == 0).all()
+    assert (codes.indices[1::3] >= 0).all()
+    assert torch.isfinite(codes.coeffs).all()
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_atoms_never_chosen(gen, backend, dtype):
+    x, d = random_problem(gen, 300, 8, 40, dtype)
+    d[::4] = 0
+    codes = batch_omp(x, d, 8, backend=backend)
+    chosen = codes.indices[codes.indices >= 0]
+    assert (chosen % 4 != 0).all()
+    assert torch.isfinite(codes.coeffs).all()
+    assert relative_error(sparse_decode(codes.indices, codes.coeffs, d).double(), x.double()) < 1e-3
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_duplicate_atoms_are_not_both_chosen(gen, backend, dtype):
+    x, d = random_problem(gen, 300, 8, 16, dtype)
+    d = torch.cat([d, d[:8], -3 * d[8:12]])  # exact copies, and scaled/negated copies
+    codes = batch_omp(x, d, 8, backend=backend)
+    base = torch.where(codes.indices >= 16, torch.where(codes.indices < 24, codes.indices - 16, codes.indices - 16),
+                       codes.indices)
+    for row, used in zip(base, (codes.indices >= 0).sum(1)):
+        assert len(set(row[:used].tolist())) == used.item(), "an atom and its copy were both chosen"
+    assert torch.isfinite(codes.coeffs).all()
+    rec = sparse_decode(codes.indices, codes.coeffs, d)
+    assert relative_error(rec.double(), x.double()) < 100 * torch.finfo(dtype).eps ** 0.5
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+def test_unnormalised_atoms_give_same_support_and_rescaled_coefficients(gen, backend):
+    x, d = random_problem(gen, 500, 16, 128, torch.float64)
+    scale = torch.rand(128, generator=gen, dtype=torch.float64) * 10 + 0.1
+    a = batch_omp(x, d, 5, backend=backend)
+    b = batch_omp(x, d * scale[:, None], 5, backend=backend)
+    assert torch.equal(a.indices, b.indices)
+    torch.testing.assert_close(b.coeffs, a.coeffs / scale[a.indices])
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+def test_empty_batch(backend):
+    d = torch.randn(32, 8)
+    codes = batch_omp(torch.empty(0, 8), d, 3, backend=backend)
+    assert codes.indices.shape == (0, 3) and codes.indices.dtype == torch.int64
+    assert codes.coeffs.shape == (0, 3) and codes.coeffs.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_are_computed_in_float32(gen, backend, dtype):
+    x, d = random_problem(gen, 200, 16, 64, dtype)
+    codes = batch_omp(x, d, 4, backend=backend)
+    assert codes.coeffs.dtype == dtype
+    ref = batch_omp(x.float(), d.float(), 4, backend=backend)
+    assert torch.equal(codes.indices, ref.indices)
+    assert torch.equal(codes.coeffs, ref.coeffs.to(dtype))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_non_contiguous_inputs(gen, backend):
+    x, d = random_problem(gen, 64, 32, 128)
+    xt, dt = x[:, ::2], d[:, ::2]  # strided views
+    assert not xt.is_contiguous()
+    codes = batch_omp(xt, dt, 4, backend=backend)
+    assert_matches_reference(codes, xt.contiguous(), dt.contiguous(), 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(0, 40),
+    m=st.integers(1, 24),
+    k=st.integers(1, 80),
+    data=st.data(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**31 - 1),
+    use_tol=st.booleans(),
+)
+def test_property_kernels_match_reference(n, m, k, data, dtype, seed, use_tol):
+    s = data.draw(st.integers(1, min(m, k)))
+    g = torch.Generator().manual_seed(seed)
+    x, d = random_problem(g, n, m, k, dtype, normalise=False)
+    tol = 0.25 * m if use_tol else None
+    for backend in KERNELS:
+        codes = batch_omp(x, d, s, tol=tol, backend=backend)
+        assert codes.indices.shape == codes.coeffs.shape == (n, s)
+        valid = codes.indices >= 0
+        # unused slots are trailing, and decode-safe
+        assert torch.equal(valid, valid.cummin(dim=1).values)
+        assert (codes.coeffs[~valid] == 0).all()
+        assert_matches_reference(codes, x, d, s, tol)
