@@ -58,7 +58,8 @@ def _extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
-    return CUDAExtension("lasers_ext._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    return CUDAExtension("lasers_ext._C", sources, define_macros=[("LASERS_WITH_CUDA", None)],
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc})
 
 
 setup(

@@ -4,10 +4,21 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// Empty module: importing it runs the static TORCH_LIBRARY registrations of this shared library.
+// Importing the module runs the static TORCH_LIBRARY registrations of this shared library. Its only attribute,
+// `with_cuda`, says whether the CUDA sources were compiled in (setup.py defines LASERS_WITH_CUDA for them).
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+#ifdef LASERS_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  if (module != nullptr && PyModule_AddIntConstant(module, "with_cuda", with_cuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 
 TORCH_LIBRARY(lasers_ext, m) {

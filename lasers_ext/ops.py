@@ -95,11 +95,15 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
 
 
+# Read once at import: the dispatcher query is not traceable by torch.compile.
+_COMPILED_KERNELS = frozenset(key for key in ("CPU", "CUDA") if _has_kernel("lasers_ext::batch_omp", key))
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can code tensors on ``device`` in this installation, fastest first."""
     device = torch.device(device)
     if device.type == "cpu":
-        return ["cpu", "reference"] if _has_kernel("lasers_ext::batch_omp", "CPU") else ["reference"]
+        return ["cpu", "reference"] if "CPU" in _COMPILED_KERNELS else ["reference"]
     # The CUDA and Triton kernels are not written yet (issues 4 and 5); the reference runs on any device.
     return ["reference"]
 
@@ -114,7 +118,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "cuda":
         if device.type != "cuda":
             raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
-        if not _has_kernel("lasers_ext::batch_omp", "CUDA"):
+        if "CUDA" not in _COMPILED_KERNELS:
             raise RuntimeError(
                 "backend='cuda': this lasers_ext was built without CUDA kernels "
                 "(rebuild with a CUDA torch and nvcc, LASERS_EXT_CUDA=1 makes that a hard requirement)"
