@@ -14,9 +14,9 @@
 //         1 - w^T w falls below sqrt(eps) (eps = machine epsilon of the compute dtype).
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define LASERS_HD __host__ __device__ __forceinline__
@@ -36,7 +36,7 @@ struct Thresholds {
 
 template <typename T>
 LASERS_HD Thresholds<T> default_thresholds() {
-  const T eps = std::numeric_limits<T>::epsilon();
+  const T eps = sizeof(T) == sizeof(float) ? T(FLT_EPSILON) : T(DBL_EPSILON);  // numeric_limits is host-only
   return Thresholds<T>{static_cast<T>(std::sqrt(eps)), eps};
 }
 
