@@ -19,8 +19,16 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the compiled library: registers lasers_ext::batch_omp and its kernels)
 from .reference import batch_omp_reference
+
+try:
+    from . import _C  # noqa: F401  (loads the compiled library: registers lasers_ext::batch_omp and its kernels)
+except ImportError as err:
+    raise ImportError(
+        f"lasers_ext's compiled extension could not be loaded ({err}). It must be built against the torch that "
+        f"imports it (torch {torch.__version__} here): reinstall with `pip install --no-build-isolation .` "
+        "after installing torch, or run `bash scripts/env.sh ...` from the repository."
+    ) from err
 
 __all__ = ["SparseCodes", "batch_omp", "sparse_decode", "available_backends", "BACKENDS"]
 

@@ -221,8 +221,7 @@ def test_duplicate_atoms_are_not_both_chosen(gen, backend, dtype):
     x, d = random_problem(gen, 300, 8, 16, dtype)
     d = torch.cat([d, d[:8], -3 * d[8:12]])  # exact copies, and scaled/negated copies
     codes = batch_omp(x, d, 8, backend=backend)
-    base = torch.where(codes.indices >= 16, torch.where(codes.indices < 24, codes.indices - 16, codes.indices - 16),
-                       codes.indices)
+    base = torch.where(codes.indices >= 16, codes.indices - 16, codes.indices)  # copy -> original atom
     for row, used in zip(base, (codes.indices >= 0).sum(1)):
         assert len(set(row[:used].tolist())) == used.item(), "an atom and its copy were both chosen"
     assert torch.isfinite(codes.coeffs).all()
