@@ -51,15 +51,18 @@ def _cuda_wanted() -> bool:
 
 def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp-simd"]
+    # at::parallel_for is a header template over OpenMP (torch's CPU backend): without -fopenmp it runs serially.
+    # The extension then needs libgomp.so.1, which the loader takes from the copy torch has already loaded.
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     if not _cuda_wanted():
-        return CppExtension("lasers_ext._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("lasers_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
     return CUDAExtension("lasers_ext._C", sources, define_macros=[("LASERS_WITH_CUDA", None)],
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
 
 
 setup(

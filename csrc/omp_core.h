@@ -110,38 +110,63 @@ struct HostScratch {
 #define LASERS_HOST_INLINE inline
 #endif
 
-// out[k] += sum_{r < R} c[r] * rows[r][k]: R rows per pass, so out is loaded and stored once per R rows.
-template <int R, typename T>
-LASERS_HOST_INLINE void host_axpy_rows(T* __restrict__ out, const T* const* rows, const T* c, int64_t K) {
-  const T* __restrict__ r0 = rows[0];
-  const T* __restrict__ r1 = rows[R > 1 ? 1 : 0];
-  const T* __restrict__ r2 = rows[R > 2 ? 2 : 0];
-  const T* __restrict__ r3 = rows[R > 3 ? 3 : 0];
-  const T c0 = c[0], c1 = R > 1 ? c[1] : T(0), c2 = R > 2 ? c[2] : T(0), c3 = R > 3 ? c[3] : T(0);
-#pragma omp simd
-  for (int64_t k = 0; k < K; ++k) {
-    T acc = out[k] + c0 * r0[k];
-    if (R > 1) acc += c1 * r1[k];
-    if (R > 2) acc += c2 * r2[k];
-    if (R > 3) acc += c3 * r3[k];
-    out[k] = acc;
+// out[k] = src[k] + sum_{r < R} c[r] * rows[r][k] in one pass (src may equal out); with Max, also returns
+// max_k |out[k]|, so the pass that finishes alpha also finds its largest magnitude.
+template <int R, bool Max, typename T>
+LASERS_HOST_INLINE T host_axpy_rows(T* out, const T* src, const T* const* rows, const T* c, int64_t K) {
+  const T* rr[R];
+  T cc[R];
+  for (int r = 0; r < R; ++r) {
+    rr[r] = rows[r];
+    cc[r] = c[r];
   }
+  T best = T(0);
+#pragma omp simd reduction(max : best)
+  for (int64_t k = 0; k < K; ++k) {
+    T acc = src[k];
+    for (int r = 0; r < R; ++r) acc += cc[r] * rr[r][k];
+    out[k] = acc;
+    if (Max) {
+      const T v = std::fabs(acc);
+      best = v > best ? v : best;
+    }
+  }
+  return best;
 }
 
-// out[k] = base[k] + sum_{t < n} c[t] * rows[t][k], four rows per pass (base may be null for zeros).
+// out[k] = base[k] + sum_{t < n} c[t] * rows[t][k] for n >= 1 (base null: 0), up to eight rows per pass over out.
+// Returns max_k |out[k]|.
 template <typename T>
-LASERS_HOST_INLINE void host_combine_rows(T* __restrict__ out, const T* __restrict__ base, const T* const* rows,
-                                          const T* c, int n, int64_t K) {
+LASERS_HOST_INLINE T host_combine_rows(T* out, const T* base, const T* const* rows, const T* c, int n, int64_t K) {
+  if (base == nullptr) {
 #pragma omp simd
-  for (int64_t k = 0; k < K; ++k) out[k] = base ? base[k] : T(0);
-  int t = 0;
-  for (; t + 4 <= n; t += 4) host_axpy_rows<4>(out, rows + t, c + t, K);
-  switch (n - t) {
-    case 3: host_axpy_rows<3>(out, rows + t, c + t, K); break;
-    case 2: host_axpy_rows<2>(out, rows + t, c + t, K); break;
-    case 1: host_axpy_rows<1>(out, rows + t, c + t, K); break;
-    default: break;
+    for (int64_t k = 0; k < K; ++k) out[k] = T(0);
+    base = out;
   }
+  T best = T(0);
+  for (int t = 0; t < n;) {
+    const int r = n - t < 8 ? n - t : 8;
+    const bool last = t + r == n;
+    switch (r) {
+#define LASERS_AXPY_CASE(R)                                                                  \
+  case R:                                                                                    \
+    best = last ? host_axpy_rows<R, true>(out, base, rows + t, c + t, K)                     \
+                : host_axpy_rows<R, false>(out, base, rows + t, c + t, K);                   \
+    break;
+      LASERS_AXPY_CASE(1)
+      LASERS_AXPY_CASE(2)
+      LASERS_AXPY_CASE(3)
+      LASERS_AXPY_CASE(4)
+      LASERS_AXPY_CASE(5)
+      LASERS_AXPY_CASE(6)
+      LASERS_AXPY_CASE(7)
+      LASERS_AXPY_CASE(8)
+#undef LASERS_AXPY_CASE
+    }
+    base = out;
+    t += r;
+  }
+  return best;
 }
 
 // max_k |a[k]| (0 for an all-zero a).
@@ -174,7 +199,8 @@ LASERS_HOST_INLINE int64_t host_first_abs_equal(const T* __restrict__ a, int64_t
 // Codes one vector x (M) into idx (S, int64, -1 = unused) and coef (S, w.r.t. the given atoms).
 // Returns the number of atoms used.
 template <typename T>
-LASERS_HOST_INLINE int host_encode(const HostProblem<T>& p, const T* x, const HostScratch<T>& w, int64_t* idx, T* coef) {
+LASERS_HOST_INLINE int host_encode(const HostProblem<T>& p, const T* x, const HostScratch<T>& w, int64_t* idx,
+                                   T* coef) {
   const int64_t K = p.K;
   const int S = p.S;
   // alpha0 = D_n x as a combination of the rows of atoms_t (M, K).
@@ -183,16 +209,23 @@ LASERS_HOST_INLINE int host_encode(const HostProblem<T>& p, const T* x, const Ho
     xx += x[m] * x[m];
     w.rows[m] = p.atoms_t + m * K;
   }
-  host_combine_rows<T>(w.alpha0, nullptr, w.rows, x, static_cast<int>(p.M), K);
+  T best = host_combine_rows<T>(w.alpha0, nullptr, w.rows, x, static_cast<int>(p.M), K);  // max |alpha|
   const T zero_level = p.th.corr_rel_sq * xx;
   T residual = xx;  // ||r||^2 = ||x||^2 - ||y||^2 with L y = alpha0_T
-  const T* alpha = w.alpha0;
+  T* alpha = w.alpha0;
   int s = 0;
   for (; s < S; ++s) {
-    if (residual <= p.tol) break;
-    const T best = host_abs_max(alpha, K);
-    if (best * best <= zero_level) break;
-    const int64_t j = host_first_abs_equal(alpha, K, best);
+    if (residual <= p.tol || best * best <= zero_level) break;
+    int64_t j = host_first_abs_equal(alpha, K, best);
+    // Chosen atoms have |alpha| ~ 0 and win only when everything is at noise level; then mask them and look again.
+    bool chosen = false;
+    for (int t = 0; t < s; ++t) chosen = chosen || idx[t] == j;
+    if (chosen) {
+      for (int t = 0; t < s; ++t) alpha[idx[t]] = T(0);
+      best = host_abs_max(alpha, K);
+      if (best * best <= zero_level) break;
+      j = host_first_abs_equal(alpha, K, best);
+    }
 
     const T* gram_j = p.gram + j * K;
     auto gram_tj = [&](int r) { return gram_j[idx[r]]; };
@@ -204,14 +237,13 @@ LASERS_HOST_INLINE int host_encode(const HostProblem<T>& p, const T* x, const Ho
       ++s;
       break;
     }
+    // alpha = alpha0 - G_T gamma (rows of the symmetric G are its columns), and its largest magnitude.
     back_solve(w.L, S, s + 1, w.y, w.gamma);
-    // alpha = alpha0 - G_T gamma (rows of the symmetric G are its columns).
     for (int t = 0; t <= s; ++t) {
       w.rows[t] = p.gram + idx[t] * K;
       w.neg_gamma[t] = -w.gamma[t];
     }
-    host_combine_rows<T>(w.alpha, w.alpha0, w.rows, w.neg_gamma, s + 1, K);
-    for (int t = 0; t <= s; ++t) w.alpha[idx[t]] = T(0);  // chosen atoms are never picked again
+    best = host_combine_rows<T>(w.alpha, w.alpha0, w.rows, w.neg_gamma, s + 1, K);
     alpha = w.alpha;
   }
   const int used = s;
