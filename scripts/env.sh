@@ -31,7 +31,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 if [[ "$(cat "$VENV/.lasers_stamp" 2>/dev/null)" != "$stamp" ]]; then
   echo "[env] installing $TORCH_SPEC and building lasers_ext (a cold build takes a few minutes)" >&2
-  "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC" numpy ninja "setuptools>=64" wheel
+  "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC" numpy ninja "setuptools>=77" wheel
   "$VENV/bin/python" -m pip install --quiet --no-build-isolation -e ".[test]"
   echo "$stamp" > "$VENV/.lasers_stamp"
 fi
