@@ -100,6 +100,14 @@ struct HostScratch {
   T* gamma;        // S
   T* neg_gamma;    // S
   const T** rows;  // max(M, S) row pointers
+
+  static int64_t values(int64_t K, int64_t S) { return 2 * K + S * S + 3 * S; }
+  static int64_t pointers(int64_t M, int64_t S) { return M > S ? M : S; }
+  // Carves the scratch out of `values(K, S)` numbers and `pointers(M, S)` pointers.
+  static HostScratch carve(T* v, const T** ptrs, int64_t K, int64_t S) {
+    return HostScratch{v, v + K, v + 2 * K, v + 2 * K + S * S, v + 2 * K + S * S + S, v + 2 * K + S * S + 2 * S,
+                       ptrs};
+  }
 };
 
 // K-wide host loops, written in the inner-loop-over-k form that compilers vectorise. They are force-inlined so that

@@ -4,7 +4,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -17,15 +16,13 @@ namespace {
 // Codes vectors [begin, end) with one scratch buffer. Compiled once per x86 SIMD level (AVX-512, AVX2+FMA,
 // baseline) and picked at load time, so one build runs at full speed on any x86-64 machine.
 template <typename T>
-inline __attribute__((always_inline)) void encode_range_impl(const core::HostProblem<T>& p, const T* xs,
-                                                             int64_t* idx, T* coef, int64_t begin, int64_t end) {
-  const int64_t K = p.K;
+LASERS_HOST_INLINE void encode_range_impl(const core::HostProblem<T>& p, const T* xs, int64_t* idx, T* coef,
+                                          int64_t begin, int64_t end) {
+  using Scratch = core::HostScratch<T>;
   const int64_t S = p.S;
-  std::vector<T> buf(2 * K + S * S + 3 * S);
-  std::vector<const T*> rows(std::max<int64_t>(p.M, S));
-  T* b = buf.data();
-  const core::HostScratch<T> w{b, b + K, b + 2 * K, b + 2 * K + S * S, b + 2 * K + S * S + S,
-                               b + 2 * K + S * S + 2 * S, rows.data()};
+  std::vector<T> values(Scratch::values(p.K, S));
+  std::vector<const T*> pointers(Scratch::pointers(p.M, S));
+  const Scratch w = Scratch::carve(values.data(), pointers.data(), p.K, S);
   for (int64_t n = begin; n < end; ++n) core::host_encode<T>(p, xs + n * p.M, w, idx + n * S, coef + n * S);
 }
 

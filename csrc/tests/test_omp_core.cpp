@@ -46,11 +46,10 @@ struct Prepared {
              double tol = -1) const {
     lasers::core::HostProblem<double> p{atoms_t.data(), gram.data(), inv_norm.data(), K, M, S, tol,
                                         lasers::core::default_thresholds<double>()};
-    std::vector<double> buf(2 * K + S * S + 3 * S);
-    std::vector<const double*> rows(std::max<int64_t>(M, S));
-    double* b = buf.data();
-    lasers::core::HostScratch<double> w{b, b + K, b + 2 * K, b + 2 * K + S * S, b + 2 * K + S * S + S,
-                                        b + 2 * K + S * S + 2 * S, rows.data()};
+    using Scratch = lasers::core::HostScratch<double>;
+    std::vector<double> values(Scratch::values(K, S));
+    std::vector<const double*> pointers(Scratch::pointers(M, S));
+    const Scratch w = Scratch::carve(values.data(), pointers.data(), K, S);
     idx.assign(S, 0);
     coef.assign(S, 0);
     return lasers::core::host_encode(p, x.data(), w, idx.data(), coef.data());
