@@ -3,14 +3,24 @@ import os
 # The Triton interpreter must be chosen before any @triton.jit runs (see ../shared notes); harmless otherwise.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import random  # noqa: E402
+import zlib  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Fresh inputs on every run; LASERS_TEST_SEED=<n> (printed in the header) replays a run.
+SEED = int(os.environ.get("LASERS_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"LASERS_TEST_SEED={SEED}"
+
 
 @pytest.fixture
-def gen():
-    """A fresh, seeded generator per test: inputs are random but reproducible."""
-    return torch.Generator().manual_seed(torch.initial_seed() % (2**31))
+def gen(request):
+    """A generator seeded from the run's seed and the test's name: fresh each run, replayable, independent per test."""
+    return torch.Generator().manual_seed((SEED + zlib.crc32(request.node.nodeid.encode())) % (2**63))
 
 
 def random_problem(gen, n, m, k, dtype=torch.float32, normalise=True):

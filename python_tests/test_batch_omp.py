@@ -144,9 +144,14 @@ def test_sparsity_one_is_nearest_atom_by_abs_correlation(gen, backend, dtype):
     codes = batch_omp(x, d, 1, backend=backend)
     unit = d.double() / d.double().norm(dim=1, keepdim=True)
     corr = x.double() @ unit.T
-    j = corr.abs().argmax(1)
-    assert torch.equal(codes.indices[:, 0], j)
-    expected = corr.gather(1, j[:, None])[:, 0] / d.double().norm(dim=1)[j]  # coefficient of the given atom
+    j = codes.indices[:, 0]
+    best = corr.abs().max(1).values
+    chosen = corr.gather(1, j[:, None])[:, 0]
+    # The chosen atom has the largest |correlation|, up to rounding at the compute precision (near-ties).
+    slack = 10 * torch.finfo(dtype).eps * x.double().norm(dim=1) * 16
+    assert (chosen.abs() >= best - slack).all()
+    assert (j == corr.abs().argmax(1)).float().mean() > 0.99
+    expected = chosen / d.double().norm(dim=1)[j]  # coefficient of the given atom
     torch.testing.assert_close(codes.coeffs[:, 0].double(), expected, **TOL[dtype])
 
 

@@ -199,3 +199,17 @@ def test_sparse_decode_gradients(gen):
 def test_sparse_decode_bad_arguments(args, exc, match):
     with pytest.raises(exc, match=match):
         sparse_decode(*args)
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+def test_torch_export(gen, backend):
+    class Coder(torch.nn.Module):
+        def forward(self, x, d):
+            codes = batch_omp(x, d, 3, tol=0.1, backend=backend)
+            return codes.indices, sparse_decode(codes.indices, codes.coeffs, d)
+
+    x, d = random_problem(gen, 16, 8, 32)
+    program = torch.export.export(Coder(), (x, d))
+    x2 = torch.randn(16, 8, generator=gen)
+    for got, want in zip(program.module()(x2, d), Coder()(x2, d)):
+        torch.testing.assert_close(got, want)
