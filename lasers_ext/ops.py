@@ -30,7 +30,7 @@ except ImportError as err:
         "after installing torch, or run `bash scripts/env.sh ...` from the repository."
     ) from err
 
-__all__ = ["SparseCodes", "batch_omp", "sparse_decode", "available_backends", "BACKENDS"]
+__all__ = ["SparseCodes", "batch_omp", "sparse_decode", "available_backends", "least_squares_backward", "BACKENDS"]
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
@@ -69,27 +69,35 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, dictionary, indices, coeffs)
 
 
-def _backward(ctx, grad_indices: Optional[Tensor], grad_coeffs: Optional[Tensor]):
-    """Gradient of gamma = (D_T D_T^T)^-1 D_T x with the support T held fixed.
+def least_squares_backward(
+    x: Tensor, chosen: Tensor, valid: Tensor, coeffs: Tensor, grad_coeffs: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Backward of gamma = (D_T D_T^T)^-1 D_T x with the support T held fixed.
 
-    With v = (D_T D_T^T)^-1 g:  dL/dx = D_T^T v  and  dL/dD_T = v (x - x_hat)^T - gamma (D_T^T v)^T.
+    Args: x (N, M); chosen (N, S, M) the atoms D_T (zero rows in unused slots); valid (N, S) bool; coeffs (N, S)
+    gamma; grad_coeffs (N, S) dL/dgamma. Returns dL/dx (N, M) and dL/dD_T (N, S, M): with v = (D_T D_T^T)^-1 g,
+    dL/dx = D_T^T v and dL/dD_T = v (x - x_hat)^T - gamma (D_T^T v)^T.
     """
+    lhs = chosen @ chosen.transpose(1, 2)
+    lhs = lhs + torch.diag_embed((~valid).to(lhs.dtype))  # identity on unused slots keeps the system regular
+    v = torch.linalg.solve(lhs, (grad_coeffs * valid).unsqueeze(-1)).squeeze(-1)  # (N, S)
+    grad_x = (v.unsqueeze(1) @ chosen).squeeze(1)
+    x_hat = (coeffs.unsqueeze(1) @ chosen).squeeze(1)
+    grad_chosen = v.unsqueeze(-1) * (x - x_hat).unsqueeze(1) - coeffs.unsqueeze(-1) * grad_x.unsqueeze(1)
+    return grad_x, grad_chosen * valid.unsqueeze(-1)
+
+
+def _backward(ctx, grad_indices: Optional[Tensor], grad_coeffs: Optional[Tensor]):
     x, dictionary, indices, coeffs = ctx.saved_tensors
     if grad_coeffs is None:
         return None, None, None, None
     valid = indices >= 0
-    atoms = dictionary[indices.clamp(min=0)] * valid.unsqueeze(-1)  # (N, S, M), zero rows in unused slots
-    lhs = atoms @ atoms.transpose(1, 2)
-    lhs = lhs + torch.diag_embed((~valid).to(lhs.dtype))  # identity on unused slots keeps the system regular
-    v = torch.linalg.solve(lhs, (grad_coeffs * valid).unsqueeze(-1)).squeeze(-1)  # (N, S)
-    grad_x = (v.unsqueeze(1) @ atoms).squeeze(1)  # (N, M)
+    chosen = dictionary[indices.clamp(min=0)] * valid.unsqueeze(-1)  # (N, S, M)
+    grad_x, grad_chosen = least_squares_backward(x, chosen, valid, coeffs, grad_coeffs)
     grad_dict = None
     if ctx.needs_input_grad[1]:
-        x_hat = (coeffs.unsqueeze(1) @ atoms).squeeze(1)
-        grad_atoms = v.unsqueeze(-1) * (x - x_hat).unsqueeze(1) - coeffs.unsqueeze(-1) * grad_x.unsqueeze(1)
-        grad_atoms = grad_atoms * valid.unsqueeze(-1)
         grad_dict = torch.zeros_like(dictionary).index_add_(
-            0, indices.clamp(min=0).reshape(-1), grad_atoms.reshape(-1, dictionary.shape[1])
+            0, indices.clamp(min=0).reshape(-1), grad_chosen.reshape(-1, dictionary.shape[1])
         )
     return (grad_x if ctx.needs_input_grad[0] else None), grad_dict, None, None
 

@@ -1,0 +1,248 @@
+"""SparseDictBottleneck: a drop-in replacement for taming-transformers' / diffusers' VectorQuantizer.
+
+Each latent site (or non-overlapping patch of sites) is coded as a sparse combination of ``sparsity`` unit-norm atoms
+of a learned dictionary by Batch-OMP (:func:`lasers_ext.batch_omp`); the decoder gets z_hat = gamma D through a
+straight-through estimator, and the loss adds ||sg[z] - z_hat||^2 and beta ||z - sg[z_hat]||^2 with taming's
+``legacy`` switch for which term beta weighs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import batch_omp, least_squares_backward, sparse_decode
+
+__all__ = ["SparseDictBottleneck", "QuantizerInfo", "SparseCode", "usage_statistics"]
+
+_ALIASES = {"n_embed": "n_e", "num_embeddings": "n_e", "embedding_dim": "e_dim", "vq_embed_dim": "e_dim"}
+
+
+class QuantizerInfo(tuple):
+    """The third output of the quantizer: the 3-tuple ``(perplexity, min_encodings, indices)`` taming returns,
+    with more on attributes: ``coeffs`` (codes, same layout as ``indices``) and the usage statistics of
+    :func:`usage_statistics` (``active_atoms``, ``dead_atoms``, ``weighted_perplexity``, ``coherence``)."""
+
+    def __new__(cls, perplexity: Tensor, min_encodings: Tensor | None, indices: Tensor, **extra: Tensor):
+        info = super().__new__(cls, (perplexity, min_encodings, indices))
+        info.__dict__.update(extra)
+        return info
+
+
+class SparseCode(torch.autograd.Function):
+    """z_hat = sum_s coeffs[:, s] * atoms[indices[:, s]] with Batch-OMP codes of x over the unit-norm ``atoms``.
+
+    Forward: x (N, M) and atoms (K, M) in float32/float64 -> z_hat (N, M), indices (N, S), coeffs (N, S).
+    Backward, default: the atoms get the gradient with the codes held fixed (implicit dictionary learning) and x the
+    identity (straight-through). With ``exact=True``: the gradient of the least-squares fit on the chosen support,
+    i.e. x gets P_T g (P_T projects onto the span of the chosen atoms) and the atoms also the part through gamma.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, atoms: Tensor, sparsity: int, tol: float | None, backend: str, exact: bool):
+        indices, coeffs = batch_omp(x.detach(), atoms.detach(), sparsity, tol=tol, backend=backend)
+        z_hat = sparse_decode(indices, coeffs, atoms.detach())
+        ctx.exact = exact
+        ctx.save_for_backward(x, atoms, indices, coeffs)
+        ctx.mark_non_differentiable(indices, coeffs)
+        return z_hat, indices, coeffs
+
+    @staticmethod
+    def backward(ctx, grad_z_hat: Tensor, _grad_indices, _grad_coeffs):
+        x, atoms, indices, coeffs = ctx.saved_tensors
+        valid = indices >= 0
+        flat = indices.clamp(min=0).reshape(-1)
+        # codes held fixed: d z_hat / d atom_k = coeff_k
+        grad_slots = (coeffs * valid).unsqueeze(-1) * grad_z_hat.unsqueeze(1)  # (N, S, M)
+        grad_x = grad_z_hat
+        if ctx.exact:
+            # the fit also moves with x and the atoms through gamma = (D_T D_T^T)^-1 D_T x
+            chosen = atoms[indices.clamp(min=0)] * valid.unsqueeze(-1)
+            grad_gamma = (chosen @ grad_z_hat.unsqueeze(-1)).squeeze(-1)
+            grad_x, grad_chosen = least_squares_backward(x, chosen, valid, coeffs, grad_gamma)
+            grad_slots = grad_slots + grad_chosen
+        grad_atoms = torch.zeros_like(atoms).index_add_(0, flat, grad_slots.reshape(-1, atoms.shape[1]))
+        return grad_x, grad_atoms, None, None, None, None
+
+
+@torch.no_grad()
+def usage_statistics(indices: Tensor, coeffs: Tensor, atoms: Tensor) -> dict[str, Tensor]:
+    """Atom usage of codes (N, S) over ``atoms`` (K, M, unit norm), as 0-dim tensors (no host sync, compile-safe).
+
+    perplexity: exp of the entropy of the usage histogram (each used slot counts once; taming's formula for S=1);
+    weighted_perplexity: the same with |coeff| as weights; active_atoms / dead_atoms: atoms used at least once / never;
+    coherence: max_{i != j} |<d_i, d_j>|.
+    """
+    k = atoms.shape[0]
+    valid = indices >= 0
+    flat = indices.clamp(min=0).reshape(-1)
+
+    def perplexity(weights: Tensor) -> Tensor:
+        hist = torch.zeros(k, dtype=torch.float32, device=atoms.device).index_add_(0, flat, weights.reshape(-1))
+        p = hist / hist.sum().clamp_min(1e-12)
+        return torch.exp(-(p * torch.log(p + 1e-10)).sum()), hist
+
+    perp, counts = perplexity(valid.float())
+    weighted, _ = perplexity(coeffs.abs().float() * valid)
+    gram = (atoms.float() @ atoms.float().T).abs()
+    coherence = (gram - torch.eye(k, device=atoms.device)).clamp_min(0).amax() if k > 1 else gram.new_zeros(())
+    active = (counts > 0).sum()
+    return {"perplexity": perp, "weighted_perplexity": weighted, "active_atoms": active, "dead_atoms": k - active,
+            "coherence": coherence}
+
+
+class SparseDictBottleneck(nn.Module):
+    """Dictionary-learning bottleneck with taming-transformers' VectorQuantizer interface.
+
+    Args:
+        n_e: K, the number of atoms (aliases ``n_embed``, ``num_embeddings``).
+        e_dim: latent channels C (aliases ``embedding_dim``, ``vq_embed_dim``).
+        beta: weight of the commitment term; see ``legacy``.
+        remap, unknown_index: taming's index remapping; only ``remap=None`` is supported.
+        sane_index_shape: return indices as (B, H', W'[, S]) instead of flat.
+        legacy: taming's switch: True weighs the codebook term by beta (taming's default), False the commitment term
+            (the paper's ||sg[z]-z_hat||^2 + beta ||z-sg[z_hat]||^2).
+        sparsity: S, atoms per site (paper: 5).
+        patch_size: P or (P_H, P_W): code non-overlapping P_H x P_W patches of sites; atoms then have
+            P_H * P_W * C entries laid out (P_H, P_W, C).
+        tol: optional squared-residual early stop per site (see :func:`lasers_ext.batch_omp`).
+        exact_gradient: give the encoder the exact least-squares gradient (a projection onto the chosen atoms) instead
+            of the straight-through identity; the decoder's gradient then also reaches the dictionary.
+        backend: Batch-OMP backend (``"auto"`` picks the fastest for the device).
+
+    ``forward(z)`` for z (B, C, H, W) returns ``(z_q, loss, info)`` like taming: z_q (B, C, H, W) in z's dtype, loss a
+    0-dim tensor, info a :class:`QuantizerInfo` ``(perplexity, None, indices)`` with the codes and usage statistics
+    as attributes. Indices are (N,) for S = 1 (exactly taming's) and (N, S) otherwise, N = B H' W' sites;
+    ``sane_index_shape`` gives (B, H', W'[, S]). Unused slots hold -1 (see :func:`lasers_ext.batch_omp`).
+    """
+
+    def __init__(
+        self,
+        n_e: int | None = None,
+        e_dim: int | None = None,
+        beta: float = 0.25,
+        remap: str | None = None,
+        unknown_index: str | int = "random",
+        sane_index_shape: bool = False,
+        legacy: bool = True,
+        *,
+        sparsity: int = 5,
+        patch_size: int | tuple[int, int] = 1,
+        tol: float | None = None,
+        exact_gradient: bool = False,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **aliases: int,
+    ) -> None:
+        super().__init__()
+        sizes = {"n_e": n_e, "e_dim": e_dim}
+        for name, value in aliases.items():
+            if name not in _ALIASES:
+                raise TypeError(f"SparseDictBottleneck got an unexpected keyword argument {name!r}")
+            target = _ALIASES[name]
+            if sizes[target] is not None and sizes[target] != value:
+                raise TypeError(f"{name}={value} conflicts with {target}={sizes[target]}")
+            sizes[target] = value
+        for name, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if remap is not None:
+            raise NotImplementedError("SparseDictBottleneck does not support taming's index remapping (remap=None)")
+        ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+        if ph < 1 or pw < 1:
+            raise ValueError(f"patch_size must be positive, got {patch_size!r}")
+        self.n_e, self.e_dim = sizes["n_e"], sizes["e_dim"]
+        self.patch_size = (ph, pw)
+        atom_dim = ph * pw * self.e_dim
+        if not 1 <= sparsity <= min(self.n_e, atom_dim):
+            raise ValueError(f"sparsity must be in [1, min(n_e, atom dim)] = [1, {min(self.n_e, atom_dim)}], "
+                             f"got {sparsity}")
+        self.beta, self.legacy, self.sane_index_shape = float(beta), bool(legacy), bool(sane_index_shape)
+        self.remap, self.unknown_index = remap, unknown_index
+        self.sparsity, self.tol, self.exact_gradient, self.backend = int(sparsity), tol, bool(exact_gradient), backend
+        self.embedding = nn.Embedding(self.n_e, atom_dim, device=device, dtype=dtype)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Gaussian atoms scaled to unit norm."""
+        with torch.no_grad():
+            self.embedding.weight.normal_()
+            self.embedding.weight.div_(self.embedding.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def extra_repr(self) -> str:
+        return (f"n_e={self.n_e}, e_dim={self.e_dim}, sparsity={self.sparsity}, patch_size={self.patch_size}, "
+                f"beta={self.beta}, legacy={self.legacy}, exact_gradient={self.exact_gradient}")
+
+    def atoms(self) -> Tensor:
+        """The dictionary with unit-norm rows (K, P_H * P_W * C), as forward uses it; zero rows stay zero."""
+        return F.normalize(self.embedding.weight, dim=1, eps=1e-12)
+
+    def _to_sites(self, z: Tensor) -> Tensor:
+        b, c, h, w = z.shape
+        ph, pw = self.patch_size
+        z = z.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 3, 5, 1)  # (B, H', W', P_H, P_W, C)
+        return z.reshape(-1, ph * pw * c)
+
+    def _from_sites(self, sites: Tensor, b: int, h: int, w: int) -> Tensor:
+        ph, pw = self.patch_size
+        z = sites.reshape(b, h // ph, w // pw, ph, pw, self.e_dim).permute(0, 5, 1, 3, 2, 4)
+        return z.reshape(b, self.e_dim, h, w)
+
+    def _check_input(self, z: Tensor) -> None:
+        if z.dim() != 4 or z.shape[1] != self.e_dim:
+            raise ValueError(f"z must have shape (B, {self.e_dim}, H, W), got {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
+        ph, pw = self.patch_size
+        if z.shape[2] % ph or z.shape[3] % pw:
+            raise ValueError(f"latent height and width {tuple(z.shape[2:])} must be divisible by the patch size "
+                             f"{self.patch_size}")
+
+    def forward(self, z: Tensor, temp=None, rescale_logits: bool = False, return_logits: bool = False):
+        if temp not in (None, 1.0) or rescale_logits or return_logits:
+            raise ValueError("temp, rescale_logits and return_logits exist only for interface compatibility with "
+                             "taming's GumbelQuantize")
+        self._check_input(z)
+        b, _, h, w = z.shape
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            x = self._to_sites(z.float())
+            atoms = self.atoms().float()
+            z_hat, indices, coeffs = SparseCode.apply(x, atoms, self.sparsity, self.tol, self.backend,
+                                                      self.exact_gradient)
+            if self.legacy:
+                loss = ((z_hat.detach() - x) ** 2).mean() + self.beta * ((z_hat - x.detach()) ** 2).mean()
+            else:
+                loss = self.beta * ((z_hat.detach() - x) ** 2).mean() + ((z_hat - x.detach()) ** 2).mean()
+            z_q = z_hat if self.exact_gradient else x + (z_hat - x).detach()  # straight-through estimator
+            stats = usage_statistics(indices, coeffs, atoms)
+        z_q = self._from_sites(z_q, b, h, w).to(z.dtype)
+        sites = (b, h // self.patch_size[0], w // self.patch_size[1])
+        if self.sparsity == 1:
+            indices, coeffs = indices[:, 0], coeffs[:, 0]
+        if self.sane_index_shape:
+            indices, coeffs = indices.reshape(*sites, *indices.shape[1:]), coeffs.reshape(*sites, *coeffs.shape[1:])
+        info = QuantizerInfo(stats.pop("perplexity"), None, indices, coeffs=coeffs.to(z.dtype), **stats)
+        return z_q, loss.to(z.dtype), info
+
+    def get_codebook_entry(self, indices: Tensor, shape: tuple[int, int, int, int] | None,
+                           coeffs: Tensor | None = None) -> Tensor:
+        """Decodes codes to latents. ``indices``/``coeffs`` as returned in ``info`` (any layout with S last for
+        S > 1); ``shape`` is taming's (B, H, W, C) of the latent, giving (B, C, H, W), or None for (N, atom dim).
+        ``coeffs=None`` is allowed for S = 1 only and means coefficient 1 (the unit atom itself, like VQ)."""
+        s = self.sparsity
+        if coeffs is None:
+            if s != 1:
+                raise ValueError("coeffs are required to decode sparse codes with sparsity > 1")
+            coeffs = torch.ones(indices.shape, dtype=self.embedding.weight.dtype, device=indices.device)
+        idx, cf = indices.reshape(-1, s), coeffs.reshape(-1, s)
+        sites = sparse_decode(idx, cf.to(self.embedding.weight.dtype), self.atoms())
+        if shape is None:
+            return sites
+        b, h, w, c = shape
+        if c != self.e_dim:
+            raise ValueError(f"shape must be (B, H, W, {self.e_dim}), got {tuple(shape)}")
+        return self._from_sites(sites, b, h, w)
+
+    embed_code = get_codebook_entry
