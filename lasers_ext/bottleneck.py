@@ -206,16 +206,21 @@ class SparseDictBottleneck(nn.Module):
                              "taming's GumbelQuantize")
         self._check_input(z)
         b, _, h, w = z.shape
+        compute = torch.float64 if z.dtype == torch.float64 else torch.float32  # half types are coded in float32
         with torch.autocast(device_type=z.device.type, enabled=False):
-            x = self._to_sites(z.float())
-            atoms = self.atoms().float()
-            z_hat, indices, coeffs = SparseCode.apply(x, atoms, self.sparsity, self.tol, self.backend,
-                                                      self.exact_gradient)
+            x = self._to_sites(z.to(compute))
+            atoms = self.atoms().to(compute)
+            z_hat, indices, coeffs = SparseCode.apply(x if self.exact_gradient else x.detach(), atoms, self.sparsity,
+                                                      self.tol, self.backend, self.exact_gradient)
+            if self.exact_gradient:
+                z_q = z_hat  # the decoder's gradient reaches z through P_T and the atoms through the fit
+                z_hat = sparse_decode(indices, coeffs, atoms)  # the loss sees the codes held fixed in both modes
+            else:
+                z_q = x + (z_hat - x).detach()  # straight-through estimator
             if self.legacy:
                 loss = ((z_hat.detach() - x) ** 2).mean() + self.beta * ((z_hat - x.detach()) ** 2).mean()
             else:
                 loss = self.beta * ((z_hat.detach() - x) ** 2).mean() + ((z_hat - x.detach()) ** 2).mean()
-            z_q = z_hat if self.exact_gradient else x + (z_hat - x).detach()  # straight-through estimator
             stats = usage_statistics(indices, coeffs, atoms)
         z_q = self._from_sites(z_q, b, h, w).to(z.dtype)
         sites = (b, h // self.patch_size[0], w // self.patch_size[1])
