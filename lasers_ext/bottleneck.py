@@ -14,9 +14,25 @@ from torch import Tensor, nn
 
 from .ops import batch_omp, least_squares_backward, sparse_decode
 
-__all__ = ["SparseDictBottleneck", "QuantizerInfo", "SparseCode", "usage_statistics"]
+__all__ = ["SparseDictBottleneck", "QuantizerInfo", "SparseCode", "usage_statistics", "resolve_sizes"]
 
 _ALIASES = {"n_embed": "n_e", "num_embeddings": "n_e", "embedding_dim": "e_dim", "vq_embed_dim": "e_dim"}
+
+
+def resolve_sizes(owner: str, n_e: int | None, e_dim: int | None, aliases: dict[str, int]) -> tuple[int, int]:
+    """(n_e, e_dim) from taming's names or the aliases other codebases use; TypeError/ValueError otherwise."""
+    sizes = {"n_e": n_e, "e_dim": e_dim}
+    for name, value in aliases.items():
+        if name not in _ALIASES:
+            raise TypeError(f"{owner} got an unexpected keyword argument {name!r}")
+        target = _ALIASES[name]
+        if sizes[target] is not None and sizes[target] != value:
+            raise TypeError(f"{name}={value} conflicts with {target}={sizes[target]}")
+        sizes[target] = value
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return sizes["n_e"], sizes["e_dim"]
 
 
 class QuantizerInfo(tuple):
@@ -137,23 +153,12 @@ class SparseDictBottleneck(nn.Module):
         **aliases: int,
     ) -> None:
         super().__init__()
-        sizes = {"n_e": n_e, "e_dim": e_dim}
-        for name, value in aliases.items():
-            if name not in _ALIASES:
-                raise TypeError(f"SparseDictBottleneck got an unexpected keyword argument {name!r}")
-            target = _ALIASES[name]
-            if sizes[target] is not None and sizes[target] != value:
-                raise TypeError(f"{name}={value} conflicts with {target}={sizes[target]}")
-            sizes[target] = value
-        for name, value in sizes.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.n_e, self.e_dim = resolve_sizes(type(self).__name__, n_e, e_dim, aliases)
         if remap is not None:
             raise NotImplementedError("SparseDictBottleneck does not support taming's index remapping (remap=None)")
         ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
         if ph < 1 or pw < 1:
             raise ValueError(f"patch_size must be positive, got {patch_size!r}")
-        self.n_e, self.e_dim = sizes["n_e"], sizes["e_dim"]
         self.patch_size = (ph, pw)
         atom_dim = ph * pw * self.e_dim
         if not 1 <= sparsity <= min(self.n_e, atom_dim):

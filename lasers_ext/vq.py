@@ -1,0 +1,128 @@
+"""VectorQuantizer: the VQ-VAE/VQ-GAN baseline with the same contract as SparseDictBottleneck.
+
+Gradient mode reproduces taming-transformers' VectorQuantizer2 (nearest codeword by squared distance, the two-term
+loss with its ``legacy`` switch, straight-through estimator). EMA mode updates the codebook by exponential moving
+averages of assignment counts and sums (van den Oord et al. 2017, appendix; decay 0.99) instead of by gradients; its
+loss is then the commitment term beta ||z - sg[z_q]||^2 alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .bottleneck import QuantizerInfo, resolve_sizes, usage_statistics
+
+__all__ = ["VectorQuantizer"]
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-codeword quantizer with taming's interface.
+
+    Args:
+        n_e, e_dim, beta, remap, unknown_index, sane_index_shape, legacy: as taming's VectorQuantizer2 (and the
+            same aliases as :class:`~lasers_ext.SparseDictBottleneck`); only ``remap=None`` is supported.
+        ema: update the codebook by exponential moving averages instead of gradients.
+        decay: EMA decay (0.99). eps: Laplace smoothing of the EMA cluster sizes.
+
+    ``forward(z)`` returns ``(z_q, loss, info)`` with indices (N,) or, with ``sane_index_shape``, (B, H, W);
+    ``info`` also carries ``coeffs`` (ones) and the usage statistics.
+    """
+
+    def __init__(
+        self,
+        n_e: int | None = None,
+        e_dim: int | None = None,
+        beta: float = 0.25,
+        remap: str | None = None,
+        unknown_index: str | int = "random",
+        sane_index_shape: bool = False,
+        legacy: bool = True,
+        *,
+        ema: bool = False,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **aliases: int,
+    ) -> None:
+        super().__init__()
+        self.n_e, self.e_dim = resolve_sizes(type(self).__name__, n_e, e_dim, aliases)
+        if remap is not None:
+            raise NotImplementedError("VectorQuantizer does not support taming's index remapping (remap=None)")
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {decay}")
+        self.beta, self.legacy, self.sane_index_shape = float(beta), bool(legacy), bool(sane_index_shape)
+        self.remap, self.unknown_index = remap, unknown_index
+        self.ema, self.decay, self.eps = bool(ema), float(decay), float(eps)
+        self.embedding = nn.Embedding(self.n_e, self.e_dim, device=device, dtype=dtype)
+        if self.ema:
+            self.embedding.weight.requires_grad_(False)
+            self.register_buffer("cluster_size", torch.zeros(self.n_e, device=device, dtype=torch.float32))
+            self.register_buffer("embed_avg", torch.zeros(self.n_e, self.e_dim, device=device, dtype=torch.float32))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """taming's initialisation: uniform(-1/n_e, 1/n_e); EMA statistics start from the codebook."""
+        with torch.no_grad():
+            self.embedding.weight.uniform_(-1.0 / self.n_e, 1.0 / self.n_e)
+            if self.ema:
+                self.cluster_size.fill_(1.0)
+                self.embed_avg.copy_(self.embedding.weight)
+
+    def extra_repr(self) -> str:
+        mode = f"ema=True, decay={self.decay}" if self.ema else "ema=False"
+        return f"n_e={self.n_e}, e_dim={self.e_dim}, beta={self.beta}, legacy={self.legacy}, {mode}"
+
+    def forward(self, z: Tensor, temp=None, rescale_logits: bool = False, return_logits: bool = False):
+        if temp not in (None, 1.0) or rescale_logits or return_logits:
+            raise ValueError("temp, rescale_logits and return_logits exist only for interface compatibility with "
+                             "taming's GumbelQuantize")
+        if z.dim() != 4 or z.shape[1] != self.e_dim:
+            raise ValueError(f"z must have shape (B, {self.e_dim}, H, W), got {tuple(z.shape)}")
+        b, _, h, w = z.shape
+        z_sites = z.permute(0, 2, 3, 1).reshape(-1, self.e_dim)
+        weight = self.embedding.weight
+        dist_sq = (z_sites**2).sum(1, keepdim=True) + (weight**2).sum(1) - 2 * z_sites @ weight.T
+        indices = dist_sq.argmin(1)
+        z_q = F.embedding(indices, weight)
+        if self.ema and self.training:  # after z_q: this step quantizes with the codebook it was given
+            self._ema_update(z_sites.detach(), indices)
+        if self.ema:
+            loss = self.beta * ((z_q.detach() - z_sites) ** 2).mean()
+        elif self.legacy:
+            loss = ((z_q.detach() - z_sites) ** 2).mean() + self.beta * ((z_q - z_sites.detach()) ** 2).mean()
+        else:
+            loss = self.beta * ((z_q.detach() - z_sites) ** 2).mean() + ((z_q - z_sites.detach()) ** 2).mean()
+        z_q = z_sites + (z_q - z_sites).detach()
+        z_q = z_q.reshape(b, h, w, self.e_dim).permute(0, 3, 1, 2).contiguous()
+        ones = torch.ones_like(indices, dtype=z.dtype)
+        stats = usage_statistics(indices[:, None], ones[:, None], F.normalize(weight.detach(), dim=1))
+        if self.sane_index_shape:
+            indices, ones = indices.reshape(b, h, w), ones.reshape(b, h, w)
+        return z_q, loss, QuantizerInfo(stats.pop("perplexity"), None, indices, coeffs=ones, **stats)
+
+    @torch.no_grad()
+    def _ema_update(self, z_sites: Tensor, indices: Tensor) -> None:
+        ones = torch.ones_like(indices, dtype=torch.float32)
+        counts = torch.zeros(self.n_e, device=z_sites.device).index_add_(0, indices, ones)
+        sums = torch.zeros(self.n_e, self.e_dim, device=z_sites.device).index_add_(0, indices, z_sites.float())
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (n + self.n_e * self.eps) * n
+        self.embedding.weight.copy_(self.embed_avg / smoothed.unsqueeze(1))
+
+    def get_codebook_entry(self, indices: Tensor, shape: tuple[int, int, int, int] | None) -> Tensor:
+        """taming's decode: codewords for ``indices``, as (B, C, H, W) for ``shape`` = (B, H, W, C), else (N, C)."""
+        z_q = self.embedding(indices.reshape(-1))
+        if shape is None:
+            return z_q
+        return z_q.view(shape).permute(0, 3, 1, 2).contiguous()
+
+    embed_code = get_codebook_entry
