@@ -9,6 +9,7 @@ straight-through estimator, and the loss adds ||sg[z] - z_hat||^2 and beta ||z -
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -125,6 +126,10 @@ class SparseDictBottleneck(nn.Module):
         tol: optional squared-residual early stop per site (see :func:`lasers_ext.batch_omp`).
         exact_gradient: give the encoder the exact least-squares gradient (a projection onto the chosen atoms) instead
             of the straight-through identity; the decoder's gradient then also reaches the dictionary.
+        dictionary_update: ``"gradient"`` (the paper's implicit learning through the caller's optimizer) or
+            ``"online"``: the learning-rate-free update of the paper's supplementary section 8 (moving statistics A, B
+            and one block-coordinate-descent sweep over the atoms per training forward, all-reduced under
+            torch.distributed). The online sweep is a Python loop over atoms and runs outside torch.compile graphs.
         backend: Batch-OMP backend (``"auto"`` picks the fastest for the device).
 
     ``forward(z)`` for z (B, C, H, W) returns ``(z_q, loss, info)`` like taming: z_q (B, C, H, W) in z's dtype, loss a
@@ -147,6 +152,7 @@ class SparseDictBottleneck(nn.Module):
         patch_size: int | tuple[int, int] = 1,
         tol: float | None = None,
         exact_gradient: bool = False,
+        dictionary_update: str = "gradient",
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -167,18 +173,33 @@ class SparseDictBottleneck(nn.Module):
         self.beta, self.legacy, self.sane_index_shape = float(beta), bool(legacy), bool(sane_index_shape)
         self.remap, self.unknown_index = remap, unknown_index
         self.sparsity, self.tol, self.exact_gradient, self.backend = int(sparsity), tol, bool(exact_gradient), backend
+        if dictionary_update not in ("gradient", "online"):
+            raise ValueError(f"dictionary_update must be 'gradient' or 'online', got {dictionary_update!r}")
+        if dictionary_update == "online" and exact_gradient:
+            raise ValueError("exact_gradient trains the dictionary by gradients; it does not combine with 'online'")
+        self.dictionary_update = dictionary_update
         self.embedding = nn.Embedding(self.n_e, atom_dim, device=device, dtype=dtype)
+        if dictionary_update == "online":
+            self.embedding.weight.requires_grad_(False)
+            self.register_buffer("stat_a", torch.zeros(self.n_e, self.n_e, device=device))  # A = sum gamma gamma^T
+            self.register_buffer("stat_b", torch.zeros(self.n_e, atom_dim, device=device))  # B^T = sum gamma z^T
+            self.register_buffer("online_steps", torch.zeros((), dtype=torch.long, device=device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Gaussian atoms scaled to unit norm."""
+        """Gaussian atoms scaled to unit norm; online statistics cleared."""
         with torch.no_grad():
             self.embedding.weight.normal_()
             self.embedding.weight.div_(self.embedding.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            if self.dictionary_update == "online":
+                self.stat_a.zero_()
+                self.stat_b.zero_()
+                self.online_steps.zero_()
 
     def extra_repr(self) -> str:
         return (f"n_e={self.n_e}, e_dim={self.e_dim}, sparsity={self.sparsity}, patch_size={self.patch_size}, "
-                f"beta={self.beta}, legacy={self.legacy}, exact_gradient={self.exact_gradient}")
+                f"beta={self.beta}, legacy={self.legacy}, exact_gradient={self.exact_gradient}, "
+                f"dictionary_update={self.dictionary_update!r}")
 
     def atoms(self) -> Tensor:
         """The dictionary with unit-norm rows (K, P_H * P_W * C), as forward uses it; zero rows stay zero."""
@@ -227,6 +248,8 @@ class SparseDictBottleneck(nn.Module):
             else:
                 loss = self.beta * ((z_hat.detach() - x) ** 2).mean() + ((z_hat - x.detach()) ** 2).mean()
             stats = usage_statistics(indices, coeffs, atoms)
+            if self.dictionary_update == "online" and self.training:
+                self._online_update(x.detach(), indices, coeffs)
         z_q = self._from_sites(z_q, b, h, w).to(z.dtype)
         sites = (b, h // self.patch_size[0], w // self.patch_size[1])
         if self.sparsity == 1:
@@ -235,6 +258,38 @@ class SparseDictBottleneck(nn.Module):
             indices, coeffs = indices.reshape(*sites, *indices.shape[1:]), coeffs.reshape(*sites, *coeffs.shape[1:])
         info = QuantizerInfo(stats.pop("perplexity"), None, indices, coeffs=coeffs.to(z.dtype), **stats)
         return z_q, loss.to(z.dtype), info
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _online_update(self, x: Tensor, indices: Tensor, coeffs: Tensor) -> None:
+        """Supplementary section 8: A = b A + gamma gamma^T, B = b B + z gamma^T (eqs. 23-26, summed over the batch
+        and all-reduced across processes), then one block-coordinate-descent sweep over the atoms (eqs. 27-28)."""
+        k, m = self.stat_b.shape
+        valid = indices >= 0
+        idx = indices.clamp(min=0)
+        c = (coeffs * valid).float()
+        pairs = (idx.unsqueeze(2) * k + idx.unsqueeze(1)).reshape(-1)
+        batch_a = torch.zeros(k * k, device=x.device).index_add_(0, pairs, (c.unsqueeze(2) * c.unsqueeze(1)).reshape(-1))
+        batch_b = torch.zeros(k, m, device=x.device).index_add_(0, idx.reshape(-1),
+                                                               (c.unsqueeze(2) * x.float().unsqueeze(1)).reshape(-1, m))
+        xi = torch.tensor(float(x.shape[0]), device=x.device)
+        if dist.is_available() and dist.is_initialized():
+            for t in (batch_a, batch_b, xi):
+                dist.all_reduce(t)
+        self.online_steps += 1
+        t, xi = float(self.online_steps), float(xi)
+        theta = t * xi if t < xi else xi * xi + t - xi
+        forget = (theta + 1 - xi) / (theta + 1)
+        self.stat_a.mul_(forget).add_(batch_a.view(k, k))
+        self.stat_b.mul_(forget).add_(batch_b)
+        weight = self.atoms().float()
+        a = self.stat_a
+        for j in range(k):  # sequential: each atom sees the ones updated before it
+            ajj = a[j, j]
+            atom = (self.stat_b[j] - a[:, j] @ weight + ajj * weight[j]) / ajj.clamp_min(1e-12)
+            # an atom that no code has used (A_jj = 0) keeps its value; no host sync for the test
+            weight[j] = torch.where(ajj > 0, atom / atom.norm().clamp_min(1e-12), weight[j])
+        self.embedding.weight.copy_(weight)
 
     def get_codebook_entry(self, indices: Tensor, shape: tuple[int, int, int, int] | None,
                            coeffs: Tensor | None = None) -> Tensor:
