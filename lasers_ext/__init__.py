@@ -3,7 +3,7 @@
 Public API:
     batch_omp(x, dictionary, sparsity, *, tol=None, backend="auto") -> SparseCodes(indices, coeffs)
     sparse_decode(indices, coeffs, dictionary) -> (..., M)
-    SparseDictBottleneck(n_e, e_dim, beta=0.25, ..., sparsity=5, patch_size=1): drop-in for taming's VectorQuantizer
+    SparseDictBottleneck(n_e, e_dim, beta=0.25, ..., sparsity=None, patch_size=1): drop-in for taming's VectorQuantizer
     VectorQuantizer(n_e, e_dim, beta=0.25, ..., ema=False): the VQ baseline with the same interface
 """
 

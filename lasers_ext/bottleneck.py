@@ -120,7 +120,7 @@ class SparseDictBottleneck(nn.Module):
         sane_index_shape: return indices as (B, H', W'[, S]) instead of flat.
         legacy: taming's switch: True weighs the codebook term by beta (taming's default), False the commitment term
             (the paper's ||sg[z]-z_hat||^2 + beta ||z-sg[z_hat]||^2).
-        sparsity: S, atoms per site (paper: 5).
+        sparsity: S, atoms per site; default min(5, atom dim, n_e) (the paper's 5 where it fits).
         patch_size: P or (P_H, P_W): code non-overlapping P_H x P_W patches of sites; atoms then have
             P_H * P_W * C entries laid out (P_H, P_W, C).
         tol: optional squared-residual early stop per site (see :func:`lasers_ext.batch_omp`).
@@ -148,7 +148,7 @@ class SparseDictBottleneck(nn.Module):
         sane_index_shape: bool = False,
         legacy: bool = True,
         *,
-        sparsity: int = 5,
+        sparsity: int | None = None,
         patch_size: int | tuple[int, int] = 1,
         tol: float | None = None,
         exact_gradient: bool = False,
@@ -167,6 +167,8 @@ class SparseDictBottleneck(nn.Module):
             raise ValueError(f"patch_size must be positive, got {patch_size!r}")
         self.patch_size = (ph, pw)
         atom_dim = ph * pw * self.e_dim
+        if sparsity is None:
+            sparsity = min(5, atom_dim, self.n_e)
         if not 1 <= sparsity <= min(self.n_e, atom_dim):
             raise ValueError(f"sparsity must be in [1, min(n_e, atom dim)] = [1, {min(self.n_e, atom_dim)}], "
                              f"got {sparsity}")

@@ -31,6 +31,8 @@ def test_constructor_positional_and_aliases():
         SparseDictBottleneck(64, 8, codebook_size=3)
     with pytest.raises(ValueError, match="sparsity must be in"):
         SparseDictBottleneck(64, 4, sparsity=5)
+    assert SparseDictBottleneck(64, 16).sparsity == 5  # the paper's default where it fits
+    assert SparseDictBottleneck(64, 3).sparsity == 3  # small latents (e.g. LDM's vq-f4, embed_dim 3)
     with pytest.raises(ValueError, match="e_dim must be a positive int"):
         SparseDictBottleneck(64)
     with pytest.raises(NotImplementedError, match="remap"):
