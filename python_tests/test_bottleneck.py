@@ -258,3 +258,22 @@ def test_torch_compile_fullgraph(gen):
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     for got, want in zip(compiled(z), step(z)):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_torch_compile_training_step_matches_eager(gen, exact):
+    q = SparseDictBottleneck(32, 4, sparsity=3, exact_gradient=exact).double()
+    conv = nn.Conv2d(4, 4, 1).double()
+    z = latent(gen, dtype=torch.float64)
+
+    def step(z):
+        z_q, loss, info = q(conv(z))
+        return (z_q**2).mean() + loss + 0 * info.coherence
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    grads = []
+    for f in (step, compiled):
+        params = [conv.weight, q.embedding.weight]
+        grads.append(torch.autograd.grad(f(z), params))
+    for eager, comp in zip(*grads):
+        torch.testing.assert_close(comp, eager)
