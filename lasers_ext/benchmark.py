@@ -21,7 +21,7 @@ import os
 import platform
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -104,7 +104,8 @@ def run(
         for name, prepare in _implementations(dictionary, S, dev, names):
             n_used = min(n, slow_max_n) if name in SLOW else n
             seconds = _time(prepare(x[:n_used]), repeats)
-            rows.append({"impl": name, "N": n, "timed_N": n_used, "seconds": seconds, "vectors_per_s": n_used / seconds})
+            rows.append({"impl": name, "N": n, "timed_N": n_used, "seconds": seconds,
+                         "vectors_per_s": n_used / seconds})
     for n in Ns:
         base = next((r["vectors_per_s"] for r in rows if r["N"] == n and r["impl"] == "sklearn"), None)
         for r in rows:

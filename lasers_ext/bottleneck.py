@@ -269,22 +269,23 @@ class SparseDictBottleneck(nn.Module):
         k, m = self.stat_b.shape
         valid = indices >= 0
         idx = indices.clamp(min=0)
-        c = (coeffs * valid).float()
+        c = (coeffs * valid).to(self.stat_a.dtype)
         pairs = (idx.unsqueeze(2) * k + idx.unsqueeze(1)).reshape(-1)
-        batch_a = torch.zeros(k * k, device=x.device).index_add_(0, pairs, (c.unsqueeze(2) * c.unsqueeze(1)).reshape(-1))
-        batch_b = torch.zeros(k, m, device=x.device).index_add_(0, idx.reshape(-1),
-                                                               (c.unsqueeze(2) * x.float().unsqueeze(1)).reshape(-1, m))
-        xi = torch.tensor(float(x.shape[0]), device=x.device)
+        products = (c.unsqueeze(2) * c.unsqueeze(1)).reshape(-1)
+        batch_a = torch.zeros_like(self.stat_a).view(-1).index_add_(0, pairs, products)
+        slots = (c.unsqueeze(2) * x.to(c.dtype).unsqueeze(1)).reshape(-1, m)
+        batch_b = torch.zeros_like(self.stat_b).index_add_(0, idx.reshape(-1), slots)
+        xi = torch.full((), float(x.shape[0]), dtype=torch.float64, device=x.device)  # sites in this step (all ranks)
         if dist.is_available() and dist.is_initialized():
-            for t in (batch_a, batch_b, xi):
-                dist.all_reduce(t)
+            for stat in (batch_a, batch_b, xi):
+                dist.all_reduce(stat)
         self.online_steps += 1
-        t, xi = float(self.online_steps), float(xi)
-        theta = t * xi if t < xi else xi * xi + t - xi
-        forget = (theta + 1 - xi) / (theta + 1)
+        t = self.online_steps.to(torch.float64)
+        theta = torch.where(t < xi, t * xi, xi * xi + t - xi)  # eq. 26, as tensors: no host synchronisation
+        forget = ((theta + 1 - xi) / (theta + 1)).to(self.stat_a.dtype)
         self.stat_a.mul_(forget).add_(batch_a.view(k, k))
         self.stat_b.mul_(forget).add_(batch_b)
-        weight = self.atoms().float()
+        weight = self.atoms().to(self.stat_a.dtype)
         a = self.stat_a
         for j in range(k):  # sequential: each atom sees the ones updated before it
             ajj = a[j, j]

@@ -160,7 +160,8 @@ def test_patch_coding_codes_unfolded_patches(gen):
     assert torch.equal(info[2].reshape(-1, 4), codes.indices)
     rec = sparse_decode(*codes, q.atoms().detach())
     for k, (b, i, j) in enumerate((b, i, j) for b in range(2) for i in range(2) for j in range(2)):
-        torch.testing.assert_close(z_q[b, :, 2 * i:2 * i + 2, 3 * j:3 * j + 3], rec[k].reshape(2, 3, 3).permute(2, 0, 1))
+        patch = z_q[b, :, 2 * i:2 * i + 2, 3 * j:3 * j + 3]
+        torch.testing.assert_close(patch, rec[k].reshape(2, 3, 3).permute(2, 0, 1))
     with pytest.raises(ValueError, match="divisible by the patch size"):
         q(latent(gen, c=3, h=5, w=6))
 

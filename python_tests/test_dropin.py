@@ -12,7 +12,8 @@ class TamingStyleVQModel(nn.Module):
 
     def __init__(self, quantizer_cls, n_embed=32, embed_dim=8, z_channels=16):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Conv2d(1, z_channels, 3, 2, 1), nn.SiLU(), nn.Conv2d(z_channels, z_channels, 3, 1, 1))
+        self.encoder = nn.Sequential(nn.Conv2d(1, z_channels, 3, 2, 1), nn.SiLU(),
+                                     nn.Conv2d(z_channels, z_channels, 3, 1, 1))
         self.decoder = nn.Sequential(nn.Conv2d(z_channels, z_channels, 3, 1, 1), nn.SiLU(),
                                      nn.ConvTranspose2d(z_channels, 1, 4, 2, 1))
         self.quantize = quantizer_cls(n_embed, embed_dim, beta=0.25, remap=None, sane_index_shape=False)
