@@ -38,12 +38,13 @@ def resolve_sizes(owner: str, n_e: int | None, e_dim: int | None, aliases: dict[
 
 class QuantizerInfo(tuple):
     """The third output of the quantizer: the 3-tuple ``(perplexity, min_encodings, indices)`` taming returns,
-    with more on attributes: ``coeffs`` (codes, same layout as ``indices``) and the usage statistics of
+    also readable as attributes (``info.perplexity``, ``info.indices``), with more: ``coeffs`` (same layout as
+    ``indices``; together they are the sparse codes) and the usage statistics of
     :func:`usage_statistics` (``active_atoms``, ``dead_atoms``, ``weighted_perplexity``, ``coherence``)."""
 
     def __new__(cls, perplexity: Tensor, min_encodings: Tensor | None, indices: Tensor, **extra: Tensor):
         info = super().__new__(cls, (perplexity, min_encodings, indices))
-        info.__dict__.update(extra)
+        info.__dict__.update(perplexity=perplexity, indices=indices, **extra)
         return info
 
 

@@ -4,6 +4,7 @@ Every backend is a ``torch.library`` operator with the same schema
 ``(Tensor x, Tensor dictionary, int sparsity, float? tol=None) -> (Tensor indices, Tensor coeffs)``:
 
 * ``lasers_ext::batch_omp`` -- the C++ CPU kernel (``csrc/cpu``) and, for CUDA tensors, the CUDA kernel (``csrc/cuda``).
+* ``lasers_ext::batch_omp_triton`` -- the Triton kernel (``lasers_ext/triton_omp.py``, imported on first use).
 * ``lasers_ext::batch_omp_reference`` -- :func:`lasers_ext.reference.batch_omp_reference`, any device, float64 inside.
 
 All share one fake (meta) kernel, so they trace under ``torch.compile``, and one autograd formula: the gradient of the
@@ -12,8 +13,10 @@ least-squares coefficients on the chosen support (the support itself is piecewis
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -54,7 +57,16 @@ def _batch_omp_reference_op(
     return batch_omp_reference(x, dictionary, sparsity, tol)
 
 
-_OPS = ("lasers_ext::batch_omp", "lasers_ext::batch_omp_reference")
+@torch.library.custom_op("lasers_ext::batch_omp_triton", mutates_args=())
+def _batch_omp_triton_op(
+    x: Tensor, dictionary: Tensor, sparsity: int, tol: Optional[float] = None
+) -> tuple[Tensor, Tensor]:
+    from .triton_omp import batch_omp_triton  # lazy: Triton is optional for CPU-only users
+
+    return batch_omp_triton(x, dictionary, sparsity, tol)
+
+
+_OPS = ("lasers_ext::batch_omp", "lasers_ext::batch_omp_triton", "lasers_ext::batch_omp_reference")
 
 
 def _fake(x: Tensor, dictionary: Tensor, sparsity: int, tol: Optional[float] = None) -> tuple[Tensor, Tensor]:
@@ -111,8 +123,13 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
 
 
-# Read once at import: the dispatcher query is not traceable by torch.compile.
+# Read once at import: neither query is traceable by torch.compile.
 _COMPILED_KERNELS = frozenset(key for key in ("CPU", "CUDA") if _has_kernel("lasers_ext::batch_omp", key))
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -120,7 +137,9 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     device = torch.device(device)
     if device.type == "cpu":
         return ["cpu", "reference"] if "CPU" in _COMPILED_KERNELS else ["reference"]
-    # The CUDA and Triton kernels are not written yet (issues 4 and 5); the reference runs on any device.
+    # The hand-written CUDA kernel is not written yet (issue 4): Triton where installed, else the reference.
+    if device.type == "cuda" and _HAS_TRITON:
+        return ["triton", "reference"]
     return ["reference"]
 
 
@@ -130,7 +149,11 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return available_backends(device)[0]
     if backend == "triton":
-        raise NotImplementedError("lasers_ext.batch_omp: the Triton backend is not implemented yet")
+        if not _HAS_TRITON:
+            raise ImportError("backend='triton' needs the 'triton' package (pip install triton)")
+        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreting()):
+            raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device} "
+                             "(TRITON_INTERPRET=1 runs Triton's interpreter on CPU tensors, for testing)")
     if backend == "cuda":
         if device.type != "cuda":
             raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
@@ -199,8 +222,8 @@ def batch_omp(
         sparsity: S, the number of atoms per vector, 1 <= S <= min(K, M).
         tol: if given, a vector stops once its squared residual norm is at most ``tol`` (scikit-learn's
             convention; checked before every selection, so a vector with ||x||^2 <= tol uses no atom).
-        backend: ``"auto"`` (fastest for the device), ``"cpu"`` (C++ kernel), ``"cuda"``, ``"triton"`` or
-            ``"reference"`` (pure PyTorch, float64 inside, any device).
+        backend: ``"auto"`` (fastest for the device), ``"cpu"`` (C++ kernel), ``"cuda"``, ``"triton"`` (CUDA
+            tensors, or CPU tensors under TRITON_INTERPRET=1) or ``"reference"`` (pure PyTorch, float64 inside).
 
     Returns:
         :class:`SparseCodes` ``(indices, coeffs)``: (N, S) int64 in selection order and (N, S) coefficients in
@@ -215,7 +238,8 @@ def batch_omp(
     """
     _check_args(x, dictionary, sparsity, tol)
     name = _resolve_backend(backend, x.device)
-    op = torch.ops.lasers_ext.batch_omp_reference if name == "reference" else torch.ops.lasers_ext.batch_omp
+    op = {"reference": torch.ops.lasers_ext.batch_omp_reference,
+          "triton": torch.ops.lasers_ext.batch_omp_triton}.get(name, torch.ops.lasers_ext.batch_omp)
     tol = None if tol is None else float(tol)
     if x.dtype in (torch.float16, torch.bfloat16):
         indices, coeffs = op(x.float(), dictionary.float(), int(sparsity), tol)

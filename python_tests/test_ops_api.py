@@ -37,7 +37,6 @@ OPS = [torch.ops.lasers_ext.batch_omp.default, torch.ops.lasers_ext.batch_omp_re
         (torch.randn(3, 2), torch.randn(4, 2), 1, {"tol": "1"}, TypeError, "tol must be a float"),
         (torch.randn(3, 2), torch.randn(4, 2), 1, {"backend": "gpu"}, ValueError, "backend must be one of"),
         (torch.randn(3, 2), torch.randn(4, 2), 1, {"backend": "cuda"}, ValueError, "needs CUDA tensors"),
-        (torch.randn(3, 2), torch.randn(4, 2), 1, {"backend": "triton"}, NotImplementedError, "Triton"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(x, d, s, kwargs, exc, match):

@@ -1,0 +1,86 @@
+"""Triton backend under TRITON_INTERPRET=1 (set in conftest.py): the same codes as the C++ kernel."""
+
+import pytest
+import torch
+from conftest import random_problem
+from test_batch_omp import assert_matches_reference
+
+import lasers_ext
+from lasers_ext import batch_omp, ops
+
+pytestmark = pytest.mark.skipif(not ops._HAS_TRITON, reason="triton is not installed")
+
+
+def assert_same_as_cpu_kernel(x, d, s, tol=None):
+    codes = batch_omp(x, d, s, tol=tol, backend="triton")
+    assert_matches_reference(codes, x, d, s, tol)  # oracle: the float64 reference, tie-aware
+    cpu = batch_omp(x, d, s, tol=tol, backend="cpu")
+    same = (codes.indices == cpu.indices).all(1)
+    assert same.float().mean() > 0.99
+    err = (codes.coeffs - cpu.coeffs)[same].norm(dim=1) / cpu.coeffs[same].norm(dim=1).clamp_min(1e-30)
+    assert err.max() <= (1e-5 if x.dtype == torch.float32 else 1e-12)
+    return codes
+
+
+@pytest.mark.parametrize(
+    "n,m,k,s,tol",
+    [(256, 16, 512, 5, None),  # the paper's shape
+     (130, 8, 20, 8, None),  # S = M, rows across two programs
+     (64, 12, 40, 3, 2.0),  # early stop by tol
+     (50, 4, 7, 1, None)],  # S = 1, K not a power of two
+)
+def test_matches_cpu_kernel(gen, n, m, k, s, tol):
+    x, d = random_problem(gen, n, m, k, normalise=False)
+    assert_same_as_cpu_kernel(x, d, s, tol)
+
+
+def test_float64(gen):
+    x, d = random_problem(gen, 40, 8, 30, torch.float64)
+    assert_same_as_cpu_kernel(x, d, 4)
+
+
+def test_degenerate_inputs(gen):
+    x, d = random_problem(gen, 60, 6, 12)
+    d = torch.cat([d, d[:3], torch.zeros(2, 6)])  # duplicate and zero atoms
+    x[::5] = 0  # zero vectors
+    codes = assert_same_as_cpu_kernel(x, d, 6)
+    assert (codes.indices[::5] == -1).all()
+    chosen = codes.indices[codes.indices >= 0]
+    assert not ((chosen == 15) | (chosen == 16)).any()  # zero atoms never chosen
+    assert torch.isfinite(codes.coeffs).all()
+
+
+def test_half_input_and_autograd(gen):
+    x, d = random_problem(gen, 20, 8, 16, torch.bfloat16)
+    codes = batch_omp(x, d, 3, backend="triton")
+    assert codes.coeffs.dtype == torch.bfloat16
+    # the op carries the shared least-squares autograd formula (gradchecked with the CPU kernel in test_ops_api.py)
+    x, d = random_problem(gen, 8, 6, 10, torch.float64, normalise=False)
+    w = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    grads = []
+    for backend in ("triton", "cpu"):
+        xr, dr = x.clone().requires_grad_(), d.clone().requires_grad_()
+        grads.append(torch.autograd.grad((batch_omp(xr, dr, 3, backend=backend).coeffs * w).sum(), (xr, dr)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_opcheck(gen):
+    x, d = random_problem(gen, 12, 8, 20, torch.float32)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.lasers_ext.batch_omp_triton.default, (x, d, 3, None), test_utils=utils)
+
+
+def test_triton_errors(monkeypatch):
+    x, d = torch.randn(3, 4), torch.randn(5, 4)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        batch_omp(x, d, 2, backend="triton")
+    monkeypatch.setattr(ops, "_HAS_TRITON", False)
+    with pytest.raises(ImportError, match="needs the 'triton' package"):
+        batch_omp(x, d, 2, backend="triton")
+
+
+def test_auto_prefers_triton_on_cuda_without_the_cuda_kernel():
+    expected = ["triton", "reference"] if ops._HAS_TRITON else ["reference"]
+    assert lasers_ext.available_backends("cuda") == expected
