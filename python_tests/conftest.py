@@ -1,13 +1,14 @@
 import os
+import random
+import zlib
 
-# The Triton interpreter must be chosen before any @triton.jit runs (see ../shared notes); harmless otherwise.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import random  # noqa: E402
-import zlib  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU, Triton kernels run in Triton's CPU interpreter. It must be chosen before any @triton.jit is
+# decorated, which happens when lasers_ext.triton_omp is first imported (lazily, by the first Triton call).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Fresh inputs on every run; LASERS_TEST_SEED=<n> (printed in the header) replays a run.
 SEED = int(os.environ.get("LASERS_TEST_SEED", random.SystemRandom().randrange(2**31)))

@@ -1,4 +1,5 @@
-"""Triton backend under TRITON_INTERPRET=1 (set in conftest.py): the same codes as the C++ kernel."""
+"""Triton backend: the same codes as the C++ kernel. On a GPU machine the compiled kernel runs on CUDA tensors;
+without one, Triton's interpreter runs it on CPU tensors (TRITON_INTERPRET=1, set in conftest.py)."""
 
 import os
 
@@ -11,6 +12,12 @@ import lasers_ext
 from lasers_ext import batch_omp, ops
 
 needs_triton = pytest.mark.skipif(not ops._HAS_TRITON, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def triton_codes(x, d, s, tol=None):
+    codes = batch_omp(x.to(DEVICE), d.to(DEVICE), s, tol=tol, backend="triton")
+    return lasers_ext.SparseCodes(codes.indices.cpu(), codes.coeffs.cpu())
 
 
 def test_triton_present_where_expected():
@@ -19,7 +26,7 @@ def test_triton_present_where_expected():
 
 
 def assert_same_as_cpu_kernel(x, d, s, tol=None):
-    codes = batch_omp(x, d, s, tol=tol, backend="triton")
+    codes = triton_codes(x, d, s, tol)
     assert_matches_reference(codes, x, d, s, tol)  # oracle: the float64 reference, tie-aware
     cpu = batch_omp(x, d, s, tol=tol, backend="cpu")
     same = (codes.indices == cpu.indices).all(1)
@@ -63,29 +70,31 @@ def test_degenerate_inputs(gen):
 @needs_triton
 def test_half_input_and_autograd(gen):
     x, d = random_problem(gen, 20, 8, 16, torch.bfloat16)
-    codes = batch_omp(x, d, 3, backend="triton")
+    codes = triton_codes(x, d, 3)
     assert codes.coeffs.dtype == torch.bfloat16
     # the op carries the shared least-squares autograd formula (gradchecked with the CPU kernel in test_ops_api.py)
     x, d = random_problem(gen, 8, 6, 10, torch.float64, normalise=False)
     w = torch.randn(8, 3, generator=gen, dtype=torch.float64)
     grads = []
     for backend in ("triton", "cpu"):
-        xr, dr = x.clone().requires_grad_(), d.clone().requires_grad_()
-        grads.append(torch.autograd.grad((batch_omp(xr, dr, 3, backend=backend).coeffs * w).sum(), (xr, dr)))
+        device = DEVICE if backend == "triton" else "cpu"
+        xr, dr = x.to(device).requires_grad_(), d.to(device).requires_grad_()
+        coeffs = batch_omp(xr, dr, 3, backend=backend).coeffs.cpu()
+        grads.append([g.cpu() for g in torch.autograd.grad((coeffs * w).sum(), (xr, dr))])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
 
 
 @needs_triton
 def test_opcheck(gen):
-    x, d = random_problem(gen, 12, 8, 20, torch.float32)
+    x, d = (t.to(DEVICE) for t in random_problem(gen, 12, 8, 20, torch.float32))
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.lasers_ext.batch_omp_triton.default, (x, d, 3, None), test_utils=utils)
 
 
 @needs_triton
 def test_triton_errors(monkeypatch):
-    x, d = torch.randn(3, 4), torch.randn(5, 4)
+    x, d = torch.randn(3, 4), torch.randn(5, 4)  # CPU tensors
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         batch_omp(x, d, 2, backend="triton")
