@@ -128,7 +128,8 @@ _COMPILED_KERNELS = frozenset(key for key in ("CPU", "CUDA") if _has_kernel("las
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def _triton_interpreting() -> bool:
+def triton_interpreting() -> bool:
+    """Whether Triton runs its CPU interpreter (TRITON_INTERPRET=1), which takes CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -151,7 +152,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "triton":
         if not _HAS_TRITON:
             raise ImportError("backend='triton' needs the 'triton' package (pip install triton)")
-        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreting()):
+        if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
             raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device} "
                              "(TRITON_INTERPRET=1 runs Triton's interpreter on CPU tensors, for testing)")
     if backend == "cuda":

@@ -17,12 +17,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["batch_omp_triton", "interpreting"]
+from .ops import triton_interpreting
 
-
-def interpreting() -> bool:
-    """Whether Triton runs its CPU interpreter (TRITON_INTERPRET=1), which accepts CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+__all__ = ["batch_omp_triton"]
 
 
 @triton.jit
@@ -169,7 +166,7 @@ def batch_omp_triton(x: Tensor, dictionary: Tensor, sparsity: int, tol: float | 
     args = (x.contiguous(), unit.T.contiguous(), gram, inv_norm, indices, coeffs,
             n, k, m, -1.0 if tol is None else float(tol), math.sqrt(eps), eps)
     shape = {"S": sparsity, "BLOCK_K": triton.next_power_of_2(k), "BLOCK_S": triton.next_power_of_2(sparsity)}
-    if interpreting():
+    if triton_interpreting():
         _batch_omp_kernel[(triton.cdiv(n, _INTERPRETER_BLOCK_N),)](*args, BLOCK_N=_INTERPRETER_BLOCK_N, **shape)
     elif os.environ.get("LASERS_TRITON_AUTOTUNE", "1") == "0":
         _batch_omp_kernel[(triton.cdiv(n, _FIXED["BLOCK_N"]),)](*args, **_FIXED, **shape)
