@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from .ops import batch_omp, least_squares_backward, sparse_decode
 
-__all__ = ["SparseDictBottleneck", "QuantizerInfo", "SparseCode", "usage_statistics", "resolve_sizes"]
+__all__ = ["SparseDictBottleneck", "QuantizerInfo", "SparseCode", "usage_statistics", "resolve_sizes",
+           "check_quantizer_call"]
 
 _ALIASES = {"n_embed": "n_e", "num_embeddings": "n_e", "embedding_dim": "e_dim", "vq_embed_dim": "e_dim"}
 
@@ -34,6 +35,19 @@ def resolve_sizes(owner: str, n_e: int | None, e_dim: int | None, aliases: dict[
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     return sizes["n_e"], sizes["e_dim"]
+
+
+def check_quantizer_call(z: object, e_dim: int, temp, rescale_logits: bool, return_logits: bool) -> None:
+    """Checks a quantizer's forward arguments: z (B, e_dim, H, W) floating; the Gumbel-only arguments unused."""
+    if temp not in (None, 1.0) or rescale_logits or return_logits:
+        raise ValueError("temp, rescale_logits and return_logits exist only for interface compatibility with "
+                         "taming's GumbelQuantize")
+    if not isinstance(z, Tensor):
+        raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+    if z.dim() != 4 or z.shape[1] != e_dim:
+        raise ValueError(f"z must have shape (B, {e_dim}, H, W), got {tuple(z.shape)}")
+    if not z.is_floating_point():
+        raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
 
 
 class QuantizerInfo(tuple):
@@ -219,21 +233,12 @@ class SparseDictBottleneck(nn.Module):
         z = sites.reshape(b, h // ph, w // pw, ph, pw, self.e_dim).permute(0, 5, 1, 3, 2, 4)
         return z.reshape(b, self.e_dim, h, w)
 
-    def _check_input(self, z: Tensor) -> None:
-        if z.dim() != 4 or z.shape[1] != self.e_dim:
-            raise ValueError(f"z must have shape (B, {self.e_dim}, H, W), got {tuple(z.shape)}")
-        if not z.is_floating_point():
-            raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
+    def forward(self, z: Tensor, temp=None, rescale_logits: bool = False, return_logits: bool = False):
+        check_quantizer_call(z, self.e_dim, temp, rescale_logits, return_logits)
         ph, pw = self.patch_size
         if z.shape[2] % ph or z.shape[3] % pw:
             raise ValueError(f"latent height and width {tuple(z.shape[2:])} must be divisible by the patch size "
                              f"{self.patch_size}")
-
-    def forward(self, z: Tensor, temp=None, rescale_logits: bool = False, return_logits: bool = False):
-        if temp not in (None, 1.0) or rescale_logits or return_logits:
-            raise ValueError("temp, rescale_logits and return_logits exist only for interface compatibility with "
-                             "taming's GumbelQuantize")
-        self._check_input(z)
         b, _, h, w = z.shape
         compute = torch.float64 if z.dtype == torch.float64 else torch.float32  # half types are coded in float32
         with torch.autocast(device_type=z.device.type, enabled=False):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bottleneck import QuantizerInfo, resolve_sizes, usage_statistics
+from .bottleneck import QuantizerInfo, check_quantizer_call, resolve_sizes, usage_statistics
 
 __all__ = ["VectorQuantizer"]
 
@@ -77,11 +77,7 @@ class VectorQuantizer(nn.Module):
         return f"n_e={self.n_e}, e_dim={self.e_dim}, beta={self.beta}, legacy={self.legacy}, {mode}"
 
     def forward(self, z: Tensor, temp=None, rescale_logits: bool = False, return_logits: bool = False):
-        if temp not in (None, 1.0) or rescale_logits or return_logits:
-            raise ValueError("temp, rescale_logits and return_logits exist only for interface compatibility with "
-                             "taming's GumbelQuantize")
-        if z.dim() != 4 or z.shape[1] != self.e_dim:
-            raise ValueError(f"z must have shape (B, {self.e_dim}, H, W), got {tuple(z.shape)}")
+        check_quantizer_call(z, self.e_dim, temp, rescale_logits, return_logits)
         b, _, h, w = z.shape
         z_sites = z.permute(0, 2, 3, 1).reshape(-1, self.e_dim)
         weight = self.embedding.weight

@@ -278,3 +278,18 @@ def test_torch_compile_training_step_matches_eager(gen, exact):
         grads.append(torch.autograd.grad(f(z), params))
     for eager, comp in zip(*grads):
         torch.testing.assert_close(comp, eager)
+
+
+@pytest.mark.parametrize("cls", ["SparseDictBottleneck", "VectorQuantizer"])
+def test_forward_argument_errors(cls):
+    import lasers_ext
+
+    q = getattr(lasers_ext, cls)(16, 4)
+    with pytest.raises(ValueError, match=r"z must have shape \(B, 4, H, W\)"):
+        q(torch.randn(2, 3, 4, 4))
+    with pytest.raises(TypeError, match="floating-point"):
+        q(torch.ones(2, 4, 4, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        q([[1.0]])
+    with pytest.raises(ValueError, match="GumbelQuantize"):
+        q(torch.randn(2, 4, 4, 4), temp=0.5)
