@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import batch_omp, least_squares_backward, sparse_decode
+from .ops import batch_omp, gather_atoms, least_squares_backward, sparse_decode
 
 __all__ = ["SparseDictBottleneck", "QuantizerInfo", "SparseCode", "usage_statistics", "resolve_sizes",
            "check_quantizer_call"]
@@ -90,7 +90,7 @@ class SparseCode(torch.autograd.Function):
         grad_x = grad_z_hat
         if ctx.exact:
             # the fit also moves with x and the atoms through gamma = (D_T D_T^T)^-1 D_T x
-            chosen = atoms[indices.clamp(min=0)] * valid.unsqueeze(-1)
+            chosen, _ = gather_atoms(atoms, indices)
             grad_gamma = (chosen @ grad_z_hat.unsqueeze(-1)).squeeze(-1)
             grad_x, grad_chosen = least_squares_backward(x, chosen, valid, coeffs, grad_gamma)
             grad_slots = grad_slots + grad_chosen

@@ -33,7 +33,8 @@ except ImportError as err:
         "after installing torch, or run `bash scripts/env.sh ...` from the repository."
     ) from err
 
-__all__ = ["SparseCodes", "batch_omp", "sparse_decode", "available_backends", "least_squares_backward", "BACKENDS"]
+__all__ = ["SparseCodes", "batch_omp", "sparse_decode", "available_backends", "gather_atoms",
+           "least_squares_backward", "BACKENDS"]
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
@@ -81,6 +82,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, dictionary, indices, coeffs)
 
 
+def gather_atoms(dictionary: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """The chosen atoms D_T (N, S, M), zero rows in unused slots, and the (N, S) mask of used slots."""
+    valid = indices >= 0
+    return dictionary[indices.clamp(min=0)] * valid.unsqueeze(-1), valid
+
+
 def least_squares_backward(
     x: Tensor, chosen: Tensor, valid: Tensor, coeffs: Tensor, grad_coeffs: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -103,8 +110,7 @@ def _backward(ctx, grad_indices: Optional[Tensor], grad_coeffs: Optional[Tensor]
     x, dictionary, indices, coeffs = ctx.saved_tensors
     if grad_coeffs is None:
         return None, None, None, None
-    valid = indices >= 0
-    chosen = dictionary[indices.clamp(min=0)] * valid.unsqueeze(-1)  # (N, S, M)
+    chosen, valid = gather_atoms(dictionary, indices)
     grad_x, grad_chosen = least_squares_backward(x, chosen, valid, coeffs, grad_coeffs)
     grad_dict = None
     if ctx.needs_input_grad[1]:
