@@ -180,13 +180,17 @@ def test_exactly_sparse_signals_recovered_orthonormal(gen, backend):
 
 @pytest.mark.parametrize("backend", KERNELS + ["reference"])
 def test_exactly_sparse_signals_recovered_low_coherence(gen, backend):
-    # Two orthonormal bases (identity and a random rotation) have coherence mu ~ sqrt(2 log(2M)/M); OMP recovers any
-    # s-sparse signal when s < (1 + 1/mu) / 2 (Tropp 2004). With M=256, mu < 0.26: s=2 is guaranteed.
+    # Spikes plus a randomly signed, permuted Hadamard basis: coherence exactly mu = 1/sqrt(M). OMP recovers any
+    # s-sparse signal when s < (1 + 1/mu) / 2 (Tropp 2004); with M=256 that is s <= 8, and s=4 leaves a margin.
     m = 256
-    q, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
-    d = torch.cat([torch.eye(m, dtype=torch.float64), q])
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < m:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])  # Sylvester's construction
+    signs = torch.randint(0, 2, (m, 1), generator=gen).double() * 2 - 1
+    hadamard = (signs * h / m**0.5)[torch.randperm(m, generator=gen)]
+    d = torch.cat([torch.eye(m, dtype=torch.float64), hadamard])
     mu = (d @ d.T - torch.eye(2 * m, dtype=torch.float64)).abs().max().item()
-    s = 2
+    s = 4
     assert s < (1 + 1 / mu) / 2
     n = 300
     support = torch.stack([torch.randperm(2 * m, generator=gen)[:s] for _ in range(n)])
