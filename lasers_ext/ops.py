@@ -144,9 +144,8 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     device = torch.device(device)
     if device.type == "cpu":
         return ["cpu", "reference"] if "CPU" in _COMPILED_KERNELS else ["reference"]
-    # The hand-written CUDA kernel is not written yet (issue 4): Triton where installed, else the reference.
-    if device.type == "cuda" and _HAS_TRITON:
-        return ["triton", "reference"]
+    if device.type == "cuda":
+        return (["cuda"] if "CUDA" in _COMPILED_KERNELS else []) + (["triton"] if _HAS_TRITON else []) + ["reference"]
     return ["reference"]
 
 

@@ -1,9 +1,21 @@
-// CUDA Batch-OMP: placeholder translation unit until the hand-written kernels land (issue 4).
-// It is compiled and linked by nvcc whenever the extension is built with CUDA, so the CUDA build path stays tested,
-// and it registers the CUDA dispatch key so that a CUDA tensor gets a clear message instead of a missing-kernel error.
+// CUDA Batch-OMP kernel: one warp per latent vector, one launch per call.
+//
+// Per-vector state lives on chip: the initial correlations alpha0 (K) and the signal (M) in the warp's slice of
+// shared memory, the Cholesky factor L (S x S), y, gamma and the support beside them. The lanes split the K atoms
+// (atom k belongs to lane k % 32): they compute alpha0 = D_n x, the updated correlations alpha = alpha0 - G_T gamma
+// one Gram row per chosen atom (rows of the symmetric G are its columns, so reads are coalesced), and the argmax by
+// a warp shuffle reduction with lowest-index tie-breaking. The S x S steps (Cholesky append, forward step, back
+// solve) run on lane 0 with the __host__ __device__ helpers of omp_core.h, the very code the CPU kernel runs; the
+// K-wide loops use the CPU kernel's accumulation order (fused multiply-adds over m, then over the support), so
+// supports match the CPU kernel and coefficients agree to rounding. No N x K intermediate touches global memory;
+// the dictionary (M x K) and the Gram matrix (K x K) are read through the L1/L2 caches.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -11,12 +23,222 @@
 
 namespace lasers {
 
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kMaxWarpsPerBlock = 8;
+constexpr size_t kSharedBudget = 96 * 1024;  // bytes of dynamic shared memory a block may use (opt-in above 48 KiB)
+
+template <typename T>
+struct DeviceProblem {
+  const T* __restrict__ x;         // (N, M)
+  const T* __restrict__ atoms_t;   // (M, K) normalised atoms, transposed
+  const T* __restrict__ gram;      // (K, K) Gram matrix of the normalised atoms
+  const T* __restrict__ inv_norm;  // (K) 1 / ||atom_k||, 0 for zero atoms
+  int64_t* __restrict__ idx;       // (N, S) out
+  T* __restrict__ coef;            // (N, S) out
+  int64_t N;
+  int K, M, S;
+  T tol;
+  core::Thresholds<T> th;
+};
+
+// Shared-memory slice of one warp, in units of T (support indices are stored as T-sized ints at the end).
+template <typename T>
+__host__ __device__ inline size_t warp_slice_values(int K, int M, int S) {
+  const size_t values = static_cast<size_t>(K) + M + S * S + 2 * S;
+  const size_t int_slots = (S * sizeof(int) + sizeof(T) - 1) / sizeof(T);
+  return values + int_slots;
+}
+
+// Warp-wide argmax of (v, i): larger v wins, equal v -> lower i. Every lane gets the result.
+template <typename T>
+__device__ __forceinline__ void warp_argmax(T& v, int& i) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const T ov = __shfl_xor_sync(0xffffffffu, v, offset);
+    const int oi = __shfl_xor_sync(0xffffffffu, i, offset);
+    if (ov > v || (ov == v && oi < i)) {
+      v = ov;
+      i = oi;
+    }
+  }
+}
+
+__device__ __forceinline__ bool in_support(const int* support, int s, int k) {
+  bool hit = false;
+  for (int t = 0; t < s; ++t) hit |= support[t] == k;
+  return hit;
+}
+
+template <typename T>
+__global__ void batch_omp_kernel(const DeviceProblem<T> p) {
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int K = p.K, M = p.M, S = p.S;
+
+  T* slice = reinterpret_cast<T*>(shared_raw) + warp * warp_slice_values<T>(K, M, S);
+  T* alpha0 = slice;        // K
+  T* xs = alpha0 + K;       // M
+  T* L = xs + M;            // S * S
+  T* y = L + S * S;         // S
+  T* gamma = y + S;         // S
+  int* support = reinterpret_cast<int*>(gamma + S);  // S
+
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp;
+  if (n >= p.N) return;  // whole warps leave together
+
+  const T* x = p.x + n * M;
+  for (int m = lane; m < M; m += kWarp) xs[m] = x[m];
+  __syncwarp();
+
+  // ||x||^2 in the CPU kernel's order (every lane, same value); alpha0 and its largest magnitude.
+  T xx = T(0);
+  for (int m = 0; m < M; ++m) xx += xs[m] * xs[m];
+  T best = T(-1);
+  int best_k = K;
+  for (int k = lane; k < K; k += kWarp) {
+    T acc = T(0);
+    for (int m = 0; m < M; ++m) acc = fma(xs[m], p.atoms_t[static_cast<int64_t>(m) * K + k], acc);
+    alpha0[k] = acc;
+    const T mag = fabs(acc);
+    if (mag > best) {
+      best = mag;
+      best_k = k;
+    }
+  }
+  warp_argmax(best, best_k);
+
+  const T zero_level = p.th.corr_rel_sq * xx;
+  T residual = xx;  // ||r||^2 = ||x||^2 - ||y||^2, kept identical on every lane
+  int s = 0;
+  for (; s < S; ++s) {
+    if (residual <= p.tol || best * best <= zero_level) break;
+    const int j = best_k;
+    const T* gram_j = p.gram + static_cast<int64_t>(j) * K;
+    int ok = 0;
+    T y_s = T(0);
+    if (lane == 0) {
+      auto gram_tj = [&](int r) { return gram_j[support[r]]; };
+      ok = core::cholesky_append(L, S, s, gram_tj, gram_j[j], p.th.pivot_min);
+      if (ok) {
+        y_s = core::forward_step(L, S, s, y, alpha0[j]);
+        y[s] = y_s;
+        support[s] = j;
+        if (s + 1 < S) core::back_solve(L, S, s + 1, y, gamma);
+      }
+    }
+    ok = __shfl_sync(0xffffffffu, ok, 0);
+    if (!ok) break;
+    y_s = __shfl_sync(0xffffffffu, y_s, 0);
+    residual -= y_s * y_s;
+    __syncwarp();
+    if (s + 1 == S) {
+      ++s;
+      break;
+    }
+    // alpha = alpha0 - G_T gamma over the atoms not chosen yet, and its argmax.
+    best = T(-1);
+    best_k = K;
+    for (int k = lane; k < K; k += kWarp) {
+      if (in_support(support, s + 1, k)) continue;
+      T acc = alpha0[k];
+      for (int t = 0; t <= s; ++t) acc = fma(-gamma[t], p.gram[static_cast<int64_t>(support[t]) * K + k], acc);
+      const T mag = fabs(acc);
+      if (mag > best) {
+        best = mag;
+        best_k = k;
+      }
+    }
+    warp_argmax(best, best_k);  // s + 1 < S <= K: some atom is left
+  }
+
+  const int used = s;
+  if (lane == 0) core::back_solve(L, S, used, y, gamma);
+  __syncwarp();
+  for (int t = lane; t < S; t += kWarp) {
+    const bool valid = t < used;
+    p.idx[n * S + t] = valid ? support[t] : -1;
+    p.coef[n * S + t] = valid ? gamma[t] * p.inv_norm[support[t]] : T(0);
+  }
+}
+
+template <typename T>
+void launch(const at::Tensor& x, const at::Tensor& atoms_t, const at::Tensor& gram, const at::Tensor& inv_norm,
+            int64_t sparsity, double tol, at::Tensor& indices, at::Tensor& coeffs) {
+  DeviceProblem<T> p;
+  p.x = x.const_data_ptr<T>();
+  p.atoms_t = atoms_t.const_data_ptr<T>();
+  p.gram = gram.const_data_ptr<T>();
+  p.inv_norm = inv_norm.const_data_ptr<T>();
+  p.idx = indices.mutable_data_ptr<int64_t>();
+  p.coef = coeffs.mutable_data_ptr<T>();
+  p.N = x.size(0);
+  p.K = static_cast<int>(atoms_t.size(1));
+  p.M = static_cast<int>(atoms_t.size(0));
+  p.S = static_cast<int>(sparsity);
+  p.tol = static_cast<T>(tol);
+  p.th = core::default_thresholds<T>();
+
+  const size_t per_warp = warp_slice_values<T>(p.K, p.M, p.S) * sizeof(T);
+  TORCH_CHECK(per_warp <= kSharedBudget, "batch_omp (CUDA): K=", p.K, ", M=", p.M, ", S=", p.S,
+              " need ", per_warp, " bytes of shared memory per vector, more than the kernel's budget of ",
+              kSharedBudget, " (use backend='triton' or 'reference' for such shapes)");
+  const int warps = static_cast<int>(std::min<size_t>(kMaxWarpsPerBlock, kSharedBudget / per_warp));
+  const size_t shared = per_warp * warps;
+  if (shared > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(batch_omp_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(shared)));
+  }
+  const int64_t blocks = (p.N + warps - 1) / warps;
+  TORCH_CHECK(blocks <= 0x7fffffff, "batch_omp (CUDA): too many vectors in one call (", p.N, ")");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  batch_omp_kernel<T><<<static_cast<unsigned>(blocks), warps * kWarp, shared, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+// x (N, M) and dictionary (K, M), float32 or float64, same dtype, same CUDA device. Returns indices (N, S) int64 and
+// coeffs (N, S) in x's dtype. Users reach this through lasers_ext.batch_omp, which checks arguments with messages;
+// the checks here guard memory accesses for direct callers of torch.ops.lasers_ext.batch_omp. Nothing here
+// synchronises with the host.
 std::tuple<at::Tensor, at::Tensor> batch_omp_cuda(const at::Tensor& x, const at::Tensor& dictionary,
                                                   int64_t sparsity, std::optional<double> tol) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false,
-                              "lasers_ext.batch_omp: the CUDA kernel is not implemented yet; use "
-                              "backend='reference' for CUDA tensors (pure PyTorch, runs on the GPU)");
-  return {x, dictionary};
+  TORCH_CHECK(x.dim() == 2 && dictionary.dim() == 2, "batch_omp: x must be (N, M) and dictionary (K, M)");
+  TORCH_CHECK(x.size(1) == dictionary.size(1), "batch_omp: x and dictionary disagree on M");
+  TORCH_CHECK(x.scalar_type() == dictionary.scalar_type(), "batch_omp: x and dictionary dtypes differ");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "batch_omp: the CUDA kernel takes float32 or float64");
+  TORCH_CHECK(x.is_cuda() && dictionary.is_cuda() && x.device() == dictionary.device(),
+              "batch_omp: expected CUDA tensors on one device");
+  TORCH_CHECK(dictionary.size(0) >= 1 && dictionary.size(0) < (int64_t{1} << 31), "batch_omp: bad dictionary size");
+  TORCH_CHECK(sparsity >= 1 && sparsity <= std::min(dictionary.size(0), dictionary.size(1)),
+              "batch_omp: need 1 <= sparsity <= min(K, M)");
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t N = x.size(0);
+  auto indices = at::empty({N, sparsity}, x.options().dtype(at::kLong));
+  auto coeffs = at::empty({N, sparsity}, x.options());
+  if (N == 0) return {indices, coeffs};
+
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor norms = dictionary.norm(2, /*dim=*/1, /*keepdim=*/true);  // (K, 1)
+  const at::Tensor nonzero = norms > 0;
+  const at::Tensor inv_norm = at::where(nonzero, norms.reciprocal(), at::zeros_like(norms)).reshape({-1});
+  const at::Tensor unit = at::where(nonzero, dictionary / norms, at::zeros_like(dictionary));  // (K, M)
+  // The Gram matrix in float64, so that TF32 settings for float32 matmuls cannot change which atoms are chosen.
+  const at::Tensor unit64 = unit.to(at::kDouble);
+  const at::Tensor gram = at::mm(unit64, unit64.t()).to(x.scalar_type()).contiguous();  // (K, K)
+  const at::Tensor atoms_t = unit.t().contiguous();                                      // (M, K)
+  const at::Tensor inv_flat = inv_norm.contiguous();
+  const double tol_value = tol.has_value() ? *tol : -1.0;
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_omp_cuda", [&] {
+    launch<scalar_t>(xc, atoms_t, gram, inv_flat, sparsity, tol_value, indices, coeffs);
+  });
+  return {indices, coeffs};
 }
 
 TORCH_LIBRARY_IMPL(lasers_ext, CUDA, m) { m.impl("batch_omp", &batch_omp_cuda); }
