@@ -6,7 +6,7 @@
 #
 #   bash bench/gpu_check.sh [extra lasers-omp-bench arguments]
 #
-# Environment: PYTEST_ARGS (default: the whole suite), SKIP_TESTS=1, SKIP_SANITIZER=1, BENCH_N (default
+# Environment: PYTEST_ARGS (default: python_tests, the whole suite), SKIP_TESTS=1, SKIP_SANITIZER=1, BENCH_N (default
 # 65536,1048576,4194304). The omp-gpu anchor is timed when `orthogonal-matching-pursuit-gpu` is importable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ LASERS_EXT_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -e . >/dev
 
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
   # fixed Triton launch configuration for the tests (autotuning every parametrisation costs minutes)
-  LASERS_TRITON_AUTOTUNE=0 "$PY" -m pytest python_tests -q ${PYTEST_ARGS:-}
+  LASERS_TRITON_AUTOTUNE=0 "$PY" -m pytest -q ${PYTEST_ARGS:-python_tests}
 fi
 
 if [[ "${SKIP_SANITIZER:-0}" != 1 ]] && command -v compute-sanitizer >/dev/null; then
