@@ -17,9 +17,10 @@ PY="${PYTHON:-python3}"
 LASERS_EXT_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -e . >/dev/null
 "$PY" -c "import lasers_ext, torch; assert lasers_ext._C.with_cuda; print('built with CUDA for torch', torch.__version__)"
 
+status=0
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
   # fixed Triton launch configuration for the tests (autotuning every parametrisation costs minutes)
-  LASERS_TRITON_AUTOTUNE=0 "$PY" -m pytest -q ${PYTEST_ARGS:-python_tests}
+  LASERS_TRITON_AUTOTUNE=0 "$PY" -m pytest -q ${PYTEST_ARGS:-python_tests} || status=1  # still sanitize and bench
 fi
 
 if [[ "${SKIP_SANITIZER:-0}" != 1 ]] && command -v compute-sanitizer >/dev/null; then
@@ -37,3 +38,4 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "${out}-g
 "$PY" bench/omp_bench.py --device cuda --N "${BENCH_N:-65536,1048576,4194304}" --json "${out}-float32.json" "$@" \
   | tee "${out}-float32.txt"
 echo "results: ${out}-*"
+exit "$status"

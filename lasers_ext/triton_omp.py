@@ -105,8 +105,7 @@ def _batch_omp_kernel(
 
         if s + 1 < S:
             # back substitution L^T gamma = y, then alpha = alpha0 - G_T gamma
-            for rr in tl.static_range(s + 1):
-                r = s - rr
+            for r in tl.static_range(s, -1, -1):  # loop variables stay constexpr (Triton 3.6 needs that below)
                 acc = _pick(y, ss, r)
                 for c in tl.static_range(r + 1, s + 1):
                     l_cr = _pick(_row(L, ss, c), ss, r)
@@ -122,8 +121,7 @@ def _batch_omp_kernel(
 
     # final back substitution over all S slots (identity rows and y = 0 give 0 in unused slots)
     gamma = tl.zeros((BLOCK_N, BLOCK_S), dtype=dtype)
-    for rr in tl.static_range(S):
-        r = S - 1 - rr
+    for r in tl.static_range(S - 1, -1, -1):
         acc = _pick(y, ss, r)
         for c in tl.static_range(r + 1, S):
             acc -= _pick(_row(L, ss, c), ss, r) * _pick(gamma, ss, c)
