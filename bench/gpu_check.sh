@@ -25,7 +25,10 @@ fi
 
 if [[ "${SKIP_SANITIZER:-0}" != 1 ]] && command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" bench/cuda_sanitize.py
+    # racecheck reports hazards as warnings: fail on any reported hazard, not only on errors
+    compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" bench/cuda_sanitize.py 2>&1 | tee /tmp/sanitizer.log \
+      || status=1
+    if grep -q "Race reported" /tmp/sanitizer.log; then status=1; fi
   done
 fi
 

@@ -58,7 +58,10 @@ class QuantizerInfo(tuple):
 
     def __new__(cls, perplexity: Tensor, min_encodings: Tensor | None, indices: Tensor, **extra: Tensor):
         info = super().__new__(cls, (perplexity, min_encodings, indices))
-        info.__dict__.update(perplexity=perplexity, indices=indices, **extra)
+        # one setattr per field: torch.compile (Dynamo) traces that, but not a __dict__.update (torch 2.11)
+        info.perplexity, info.indices = perplexity, indices
+        for name, value in extra.items():
+            setattr(info, name, value)
         return info
 
 

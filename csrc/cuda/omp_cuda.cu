@@ -119,6 +119,7 @@ __global__ void batch_omp_kernel(const DeviceProblem<T> p) {
     const T* gram_j = p.gram + static_cast<int64_t>(j) * K;
     int ok = 0;
     T y_s = T(0);
+    __syncwarp();  // alpha0, support and gamma reads of all lanes happen before lane 0 writes
     if (lane == 0) {
       auto gram_tj = [&](int r) { return gram_j[support[r]]; };
       ok = core::cholesky_append(L, S, s, gram_tj, gram_j[j], p.th.pivot_min);
@@ -155,6 +156,7 @@ __global__ void batch_omp_kernel(const DeviceProblem<T> p) {
   }
 
   const int used = s;
+  __syncwarp();
   if (lane == 0) core::back_solve(L, S, used, y, gamma);
   __syncwarp();
   for (int t = lane; t < S; t += kWarp) {
