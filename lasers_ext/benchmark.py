@@ -130,6 +130,8 @@ def run(
                     torch.cuda.empty_cache()
             rows.append({"impl": name, "N": n, "timed_N": n_used, "seconds": seconds,
                          "vectors_per_s": n_used / seconds})
+            print(f"  {name:<14} N={n:<9} timed N={n_used:<9} {n_used / seconds:>14,.0f} vectors/s", file=sys.stderr,
+                  flush=True)
     for n in Ns:
         here = [r for r in rows if r["N"] == n]
         base = next((r["vectors_per_s"] for r in here if r["impl"] == "sklearn"), None)
