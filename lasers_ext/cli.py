@@ -1,0 +1,155 @@
+"""The ``lasers`` command: train, evaluate, reconstruct and compare DL-VAE/DL-GAN/VQ-VAE/VQ-GAN models.
+
+    lasers compare --out runs/compare             # VQ-VAE vs DL-VAE on the bundled photos (the README's main job)
+    lasers train --model dl-gan --data cifar10 --data-root ~/data/cifar-10-batches-py --out runs/dlgan
+    lasers eval runs/dlgan --fid-images 1000
+    lasers reconstruct runs/dlgan photo1.png photo2.png --out recon.png
+    torchrun --nproc_per_node=4 -m lasers_ext.cli train --batch-size 256 ...   # DDP, same flags
+
+Every training option can also come from a JSON file (``--config run.json``, a flat object of option names, or a
+run's saved config.json); flags given on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .train import TrainConfig, compare, evaluate_run, format_results_table, load_run, train
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, defaults left as None so that --config values can fill the gaps."""
+    hints = typing.get_type_hints(TrainConfig)
+    group = parser.add_argument_group("training options (also readable from --config)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        hint = hints[f.name]
+        if hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        group.add_argument(flag, type=base, default=None, choices=f.metadata.get("choices"), help=help_text,
+                           metavar=None if f.metadata.get("choices") else base.__name__.upper())
+    group.add_argument("--config", type=Path, default=None,
+                       help="JSON file with option values (flat, or a run's config.json); flags override it")
+
+
+def _config_from(args: argparse.Namespace, **defaults) -> TrainConfig:
+    """TrainConfig from ``defaults`` < the --config file < the flags given."""
+    values: dict = dict(defaults)
+    if args.config is not None:
+        loaded = json.loads(args.config.read_text())
+        values.update(loaded.get("config", loaded))
+    for f in dataclasses.fields(TrainConfig):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    return TrainConfig.from_dict(values).validate()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lasers", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one model (resumes from the run directory's checkpoint)")
+    _add_config_options(p)
+
+    p = sub.add_parser("compare", help="train (or load) a VQ and a DL model on the same data and budget, print the "
+                       "paper's Table 1 columns side by side")
+    p.add_argument("--gan", action="store_true", help="compare VQ-GAN with DL-GAN instead of VQ-VAE with DL-VAE")
+    _add_config_options(p)
+
+    p = sub.add_parser("eval", help="evaluate a trained run on its test split (writes eval.json and eval.md)")
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("--eval-images", type=int, default=None, help="test images (0: all; default: the run's setting)")
+    p.add_argument("--fid-images", type=int, default=None, help="images for FID (0: none; default: the run's)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+    p = sub.add_parser("reconstruct", help="reconstruct images with a trained run; saves a grid and prints PSNR")
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("images", nargs="*", type=Path,
+                   help="image files (default: the first --count images of the run's test split)")
+    p.add_argument("--count", type=int, default=8, help="test images when no files are given")
+    p.add_argument("--out", type=Path, default=None, help="output PNG (default: RUN/pictures/reconstruct.png)")
+    return parser
+
+
+def _load_images(paths: list[Path], channels: int, multiple: int) -> torch.Tensor:
+    """Image files -> (B, channels, H, W) in [0, 1], centre-cropped to the largest common size divisible by
+    ``multiple`` (the model's downsampling)."""
+    from PIL import Image
+
+    arrays = []
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"no image at {path}")
+        with Image.open(path) as im:
+            arrays.append(torch.from_numpy(np.asarray(im.convert("L" if channels == 1 else "RGB"))))
+    h = min(a.shape[0] for a in arrays) // multiple * multiple
+    w = min(a.shape[1] for a in arrays) // multiple * multiple
+    if h == 0 or w == 0:
+        raise ValueError(f"images must be at least {multiple} x {multiple} pixels")
+    out = []
+    for a in arrays:
+        a = a if a.dim() == 3 else a[..., None]
+        top, left = (a.shape[0] - h) // 2, (a.shape[1] - w) // 2
+        out.append(a[top:top + h, left:left + w].permute(2, 0, 1).float() / 255)
+    return torch.stack(out)
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from . import metrics, plots
+    from .train import _datasets, _to_image, _to_model
+
+    cfg, model, step = load_run(args.run)
+    if args.images:
+        x = _load_images(args.images, model.in_channels, model.multiple)
+    else:
+        _, test_set = _datasets(cfg)
+        x = torch.stack([test_set[i] for i in range(min(args.count, len(test_set)))])
+    with torch.no_grad():
+        y = _to_image(model(_to_model(x))[0])
+    out = args.out or args.run / "pictures" / "reconstruct.png"
+    plots.save_reconstruction_grid(x, {cfg.model: y}, out, max_images=len(x))
+    for i, value in enumerate(metrics.psnr(x, y).tolist()):
+        name = args.images[i] if args.images else f"test image {i}"
+        print(f"{name}: PSNR {value:.2f} dB")
+    print(f"wrote {out} ({cfg.model}, step {step})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            result = train(_config_from(args))
+            if result:
+                print(format_results_table({result["model"]: result}))
+        elif args.command == "compare":
+            compare(_config_from(args, out="runs/compare"), gan=args.gan)
+        elif args.command == "eval":
+            result = evaluate_run(args.run, device=args.device, max_images=args.eval_images,
+                                  fid_images=args.fid_images)
+            print(format_results_table({result["model"]: result}))
+        else:
+            return _reconstruct(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"lasers {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

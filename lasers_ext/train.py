@@ -1,0 +1,566 @@
+"""Training, evaluation and side-by-side comparison of the paper's four models: DL-VAE, DL-GAN, VQ-VAE, VQ-GAN.
+
+A run lives in one directory (``TrainConfig.out``)::
+
+    config.json        the full configuration, plus notes (perceptual loss used or not and why, world size, versions)
+    metrics.jsonl      one JSON record per logged training step ({"kind": "train", ...}) and per evaluation
+    checkpoint.pt      the latest checkpoint (written to a temporary file, then renamed: never half-written)
+    eval.json/eval.md  the final evaluation
+    pictures/          reconstructions, FLIP heatmaps, training curves, atom images, 2-D atom embedding
+
+Running ``train`` again on the same directory resumes from ``checkpoint.pt``: model, optimisers, EMA codebook
+buffers, RNG states and step, with the data stream positioned where the checkpoint left it, so a killed run loses at
+most the steps since its last checkpoint and ends with the same parameters as an uninterrupted one (on CPU, bit for
+bit). Under ``torchrun`` every process runs the same loop with DistributedDataParallel; see :mod:`.distributed`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from . import distributed, metrics, plots
+from .data import build_dataset
+from .models import Autoencoder, GANLoss, PatchDiscriminator, ReconstructionLoss, build_autoencoder
+
+__all__ = ["MODELS", "TrainConfig", "train", "evaluate", "evaluate_run", "compare", "load_run",
+           "format_results_table"]
+
+MODELS = ("dl-vae", "dl-gan", "vq-vae", "vq-gan")
+CHECKPOINT = "checkpoint.pt"
+# Fields that fix the shapes of the saved tensors: a checkpoint resumes only under the same values.
+_ARCHITECTURE = ("model", "in_channels", "hidden", "res_hidden", "n_res_blocks", "n_e", "e_dim", "sparsity",
+                 "patch_size", "ndf", "disc_layers")
+
+
+def _opt(default, help: str, **kw):
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a run needs. Every field is also a command-line flag (``--batch-size`` for ``batch_size``)."""
+
+    model: str = _opt("dl-vae", "dl-vae, dl-gan (dictionary learning, Batch-OMP), vq-vae, vq-gan (EMA vector "
+                      "quantiser)", choices=MODELS)
+    out: str = _opt("runs/dl-vae", "run directory (config, metrics, checkpoint, pictures); an existing checkpoint "
+                    "there is resumed")
+    # data
+    data: str = _opt("photos", "photos (bundled with scikit-image, the default), fashion-mnist, mnist, cifar10 or "
+                     "folder", choices=("photos", "fashion-mnist", "mnist", "cifar10", "folder"))
+    data_root: str | None = _opt(None, "folder with the data set's files (mnist: IDX files, cifar10: python batches, "
+                                 "folder: images; fashion-mnist defaults to /usr/share/datasets/fashion-mnist)")
+    image_size: int | None = _opt(None, "crop size for photos (default 32) and folder (default 256)")
+    gray: bool = _opt(False, "convert colour images to one channel")
+    train_length: int | None = _opt(None, "photos only: random crops per epoch (default 4096)")
+    workers: int = _opt(0, "DataLoader worker processes per training process")
+    # model (paper section 5)
+    hidden: int = _opt(128, "hidden channels of encoder and decoder")
+    res_hidden: int = _opt(32, "hidden channels inside a residual block")
+    n_res_blocks: int = _opt(2, "residual blocks in encoder and in decoder")
+    n_e: int = _opt(512, "atoms in the dictionary / codewords in the codebook (K)")
+    e_dim: int = _opt(16, "latent channels = atom / codeword dimension")
+    sparsity: int = _opt(5, "DL only: atoms per latent vector (S)")
+    beta: float = _opt(0.25, "commitment weight of the bottleneck loss")
+    patch_size: int = _opt(1, "DL only: code non-overlapping patch_size x patch_size latent patches as one vector")
+    ema_decay: float = _opt(0.99, "VQ only: EMA decay of the codebook")
+    backend: str = _opt("auto", "DL only: Batch-OMP backend (auto, cpu, cuda, triton, reference)")
+    # optimisation
+    steps: int = _opt(2000, "total training steps (optimiser updates)")
+    batch_size: int = _opt(32, "GLOBAL batch size: the sum over all processes (each takes batch_size / world size)")
+    lr: float = _opt(1e-4, "Adam learning rate of the autoencoder (paper: 1e-4)")
+    eta: float = _opt(0.5, "weight of L2 in the reconstruction loss eta*L2 + (1-eta)*LPIPS (L2 alone when LPIPS "
+                      "weights are not on disk)")
+    perceptual: bool = _opt(True, "use LPIPS in the loss when its pretrained weights are already on disk")
+    # GAN variants
+    disc_start: int = _opt(1000, "GAN only: step at which the discriminator is switched on")
+    disc_weight: float = _opt(1.0, "GAN only: factor on the adaptive GAN weight")
+    disc_lr: float | None = _opt(None, "GAN only: discriminator learning rate (default: lr)")
+    ndf: int = _opt(64, "GAN only: discriminator base channels")
+    disc_layers: int = _opt(3, "GAN only: PatchGAN downsampling layers")
+    # bookkeeping
+    seed: int = _opt(0, "seed of weights, data order and crops")
+    device: str = _opt("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    amp: bool = _opt(True, "bfloat16 autocast on CUDA (the Batch-OMP coding itself stays float32)")
+    log_every: int = _opt(10, "steps between training-metric records")
+    eval_every: int = _opt(500, "steps between evaluations on the test split (0: only at the end)")
+    eval_images: int = _opt(256, "test images per evaluation (0: the whole test split)")
+    fid_images: int = _opt(0, "images for FID in the final evaluation (0: no FID; ~0.4 s per image on 2 CPU cores)")
+    checkpoint_every: int = _opt(250, "steps between checkpoints")
+    progress: bool = _opt(True, "show a progress bar")
+
+    @property
+    def kind(self) -> str:
+        """'dl' or 'vq'."""
+        return self.model.split("-")[0]
+
+    @property
+    def gan(self) -> bool:
+        return self.model.endswith("-gan")
+
+    def validate(self) -> TrainConfig:
+        """Raises ValueError naming the first bad field; returns self."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        positive = ("steps", "batch_size", "hidden", "res_hidden", "n_e", "e_dim", "sparsity", "patch_size", "ndf",
+                    "disc_layers", "log_every", "checkpoint_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_images", "fid_images", "workers", "n_res_blocks", "disc_start", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and (self.disc_lr is None or self.disc_lr > 0)):
+            raise ValueError("learning rates must be > 0")
+        if not 0 <= self.eta <= 1:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+        if self.kind == "dl" and self.sparsity > min(self.n_e, self.e_dim * self.patch_size ** 2):
+            raise ValueError(f"sparsity must be <= min(n_e, e_dim * patch_size^2) = "
+                             f"{min(self.n_e, self.e_dim * self.patch_size ** 2)}, got {self.sparsity}")
+        if self.fid_images == 1:
+            raise ValueError("fid_images must be 0 (off) or >= 2")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------- pieces
+def _datasets(cfg: TrainConfig):
+    train_set = build_dataset(cfg.data, "train", root=cfg.data_root, size=cfg.image_size, gray=cfg.gray,
+                              length=cfg.train_length, seed=cfg.seed)
+    test_set = build_dataset(cfg.data, "test", root=cfg.data_root, size=cfg.image_size, gray=cfg.gray, seed=cfg.seed)
+    return train_set, test_set
+
+
+def build_model(cfg: TrainConfig, in_channels: int) -> Autoencoder:
+    """The autoencoder of ``cfg`` (weights drawn from the current torch RNG)."""
+    return build_autoencoder(cfg.kind, in_channels=in_channels, hidden=cfg.hidden, res_hidden=cfg.res_hidden,
+                             n_res_blocks=cfg.n_res_blocks, n_e=cfg.n_e, e_dim=cfg.e_dim, sparsity=cfg.sparsity,
+                             beta=cfg.beta, patch_size=cfg.patch_size, backend=cfg.backend,
+                             ema_decay=cfg.ema_decay)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Writes ``path`` through a temporary file in the same folder and a rename, so readers (and a resume after a
+    crash) see either the old or the new file, never a partial one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _write_json(path: Path, obj) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def _read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a crash: everything after it is lost anyway
+    return records
+
+
+def _truncate_records(path: Path, step: int) -> None:
+    """Drops records logged after ``step`` (the steps a crash lost), so a resumed run logs each step once."""
+    kept = [r for r in _read_records(path) if r["step"] <= step]
+    _atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+
+
+def _append_record(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def _to_model(x: Tensor) -> Tensor:
+    """Images in [0, 1] -> the model's [-1, 1]."""
+    return x * 2 - 1
+
+
+def _to_image(x: Tensor) -> Tensor:
+    """Model outputs -> images in [0, 1] (clamped)."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+# ------------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: Autoencoder, dataset, *, device: torch.device | str = "cpu", max_images: int = 0,
+             fid_images: int = 0, batch_size: int = 64, lpips: nn.Module | None = None,
+             progress: bool = False) -> dict:
+    """Reconstruction quality of ``model`` on the first ``max_images`` images of ``dataset`` (0: all).
+
+    Returns a dict: ``psnr`` (dB), ``ssim`` (mean, skimage-compatible Gaussian SSIM), ``flip`` (mean LDR-FLIP),
+    ``lpips`` (None when LPIPS is unavailable), ``perplexity`` and ``active_atoms`` of the code usage over all
+    evaluated images, ``images``; with ``fid_images`` >= 2 also ``fid``, ``fid_images`` and ``fid_network``.
+    """
+    was_training = model.training
+    model.eval()
+    n = len(dataset) if max_images == 0 else min(max_images, len(dataset))
+    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False)
+    n_e = model.bottleneck.n_e
+    counts = torch.zeros(n_e, dtype=torch.long)
+    sums = {"psnr": 0.0, "ssim": 0.0, "flip": 0.0, "lpips": 0.0}
+    fid = metrics.FID(device) if fid_images >= 2 else None
+    fid_seen = 0
+    for x in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        x = x.to(device)
+        x_rec, _, info = model(_to_model(x))
+        y = _to_image(x_rec)
+        sums["psnr"] += metrics.psnr(x, y).clamp(max=100.0).sum().item()  # identical images: cap inf at 100 dB
+        sums["ssim"] += metrics.ssim(x, y).sum().item()
+        sums["flip"] += metrics.flip(x, y)[0].sum().item()
+        if lpips is not None:
+            sums["lpips"] += lpips(x, y).sum().item()
+        counts += metrics.code_counts(info.indices.cpu(), n_e)
+        if fid is not None and fid_seen < fid_images:
+            take = min(fid_images - fid_seen, len(x))
+            fid.update(x[:take], real=True)
+            fid.update(y[:take], real=False)
+            fid_seen += take
+    model.train(was_training)
+    result = {k: v / n for k, v in sums.items()}
+    result["lpips"] = result["lpips"] if lpips is not None else None
+    result.update(perplexity=metrics.perplexity(counts), active_atoms=int((counts > 0).sum()), images=n)
+    if fid is not None:
+        if fid_seen < 2:
+            raise ValueError(f"FID needs at least 2 test images, the test split has {fid_seen}")
+        computed = fid.compute()
+        result.update(fid=computed["fid"], fid_images=fid_seen, fid_network=computed["network"])
+    result["counts"] = counts
+    return result
+
+
+def _public(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "counts"}
+
+
+# --------------------------------------------------------------------------------------------------------- training
+def _perceptual(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module | None, str]:
+    if not cfg.perceptual:
+        return None, "L2 only (perceptual loss switched off by the configuration)"
+    net = metrics.lpips_network(device)
+    if net is None:
+        return None, f"L2 only: {metrics.lpips_status()}"
+    return net, f"eta*L2 + (1-eta)*LPIPS with eta={cfg.eta}"
+
+
+def train(cfg: TrainConfig, *, callback: Callable[[int, dict], None] | None = None) -> dict:
+    """Trains (or resumes, or just re-evaluates a finished run in) ``cfg.out``; returns the final evaluation.
+
+    ``callback(step, record)`` runs after every optimiser step on every rank (record: that step's local metrics as
+    floats); an exception raised there stops training like a crash would (the last checkpoint stays).
+    """
+    cfg.validate()
+    ctx = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, ctx, callback)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
+    if cfg.batch_size % ctx.world_size:
+        raise ValueError(f"batch_size ({cfg.batch_size}) is the global batch size and must be a multiple of the "
+                         f"number of processes ({ctx.world_size})")
+    local_batch = cfg.batch_size // ctx.world_size
+    out = Path(cfg.out)
+    pictures = out / "pictures"
+    if ctx.is_main:
+        pictures.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(ctx)
+
+    _seed_everything(cfg.seed)
+    train_set, test_set = _datasets(cfg)
+    model = build_model(cfg, train_set.channels).to(ctx.device)
+    perceptual, loss_note = _perceptual(cfg, ctx.device)
+    rec_loss_fn = ReconstructionLoss(cfg.eta, perceptual)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gan = opt_d = None
+    if cfg.gan:
+        gan = GANLoss(PatchDiscriminator(train_set.channels, cfg.ndf, cfg.disc_layers), cfg.disc_start,
+                      cfg.disc_weight).to(ctx.device)
+        opt_d = torch.optim.Adam(gan.parameters(), lr=cfg.disc_lr or cfg.lr, betas=(0.5, 0.9))
+
+    step = 0
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=ctx.device, weights_only=False)
+        saved = TrainConfig.from_dict(state["config"])
+        changed = [f for f in _ARCHITECTURE if getattr(saved, f, None) != getattr(cfg, f, None)
+                   and f != "in_channels"]
+        if changed:
+            raise ValueError(f"{ckpt_path} was trained with other {', '.join(changed)}; use another --out or the "
+                             "same settings to resume")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        if gan is not None:
+            gan.load_state_dict(state["gan"])
+            opt_d.load_state_dict(state["opt_d"])
+        step = state["step"]
+        _set_rng_state(state["rng"])
+    if ctx.is_main:
+        if step:
+            _truncate_records(out / "metrics.jsonl", step)
+        notes = {"reconstruction_loss": loss_note, "world_size": ctx.world_size, "local_batch_size": local_batch,
+                 "device": str(ctx.device), "torch": torch.__version__, "resumed_from_step": step,
+                 "channels": train_set.channels, "image_size": list(train_set.image_size)}
+        _write_json(out / "config.json", {"config": cfg.to_dict(), "notes": notes})
+        print(f"[{cfg.model}] {out}: reconstruction loss {loss_note}", file=sys.stderr)
+
+    net: nn.Module = model
+    if ctx.distributed:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids)
+        if gan is not None:
+            sync_bn = nn.SyncBatchNorm.convert_sync_batchnorm(gan.discriminator)
+            gan.discriminator = DistributedDataParallel(sync_bn, device_ids=ids)
+
+    sampler = distributed.ResumableSampler(train_set, ctx.world_size, ctx.rank, cfg.seed)
+    loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=cfg.workers,
+                        drop_last=True, pin_memory=ctx.device.type == "cuda", persistent_workers=False)
+    batches_per_epoch = sampler.num_samples // local_batch
+    if batches_per_epoch == 0:
+        raise ValueError(f"the training split has {len(train_set)} images, fewer than one batch of {cfg.batch_size}")
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and ctx.device.type == "cuda"
+                else nullcontext())
+    metrics_path = out / "metrics.jsonl"
+
+    def checkpoint() -> None:
+        if ctx.is_main:
+            gan_state = None
+            if gan is not None:
+                gan_state = {k.replace("discriminator.module.", "discriminator."): v
+                             for k, v in gan.state_dict().items()}
+            save_checkpoint(ckpt_path, {
+                "config": cfg.to_dict(), "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
+                "gan": gan_state, "opt_d": opt_d.state_dict() if opt_d is not None else None, "rng": _rng_state(),
+                "world_size": ctx.world_size})
+        distributed.barrier(ctx)
+
+    def run_eval() -> dict:
+        result = evaluate(model, test_set, device=ctx.device, max_images=cfg.eval_images, lpips=perceptual)
+        if ctx.is_main:
+            _append_record(metrics_path, {"kind": "eval", "step": step, **_public(result)})
+        return result
+
+    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.model, disable=not (ctx.is_main and cfg.progress),
+               dynamic_ncols=True, file=sys.stderr)
+    window: dict[str, list[Tensor]] = {}
+    start = time.perf_counter()
+    epoch, offset = divmod(step, batches_per_epoch)
+    while step < cfg.steps:
+        sampler.set_epoch(epoch, skip=offset * local_batch)
+        train_set.set_epoch(epoch)
+        for x in loader:
+            x = _to_model(x.to(ctx.device, non_blocking=True))
+            with autocast:
+                x_rec, q_loss, info = net(x)
+            x_rec = x_rec.float()
+            rec = rec_loss_fn(x, x_rec)
+            loss = rec + q_loss.float()
+            stats = {"loss": loss.detach(), "rec_loss": rec.detach(), "q_loss": q_loss.detach().float(),
+                     "perplexity": info.perplexity.detach().float(),
+                     "psnr": metrics.psnr(_to_image(x), _to_image(x_rec.detach())).clamp(max=100).mean()}
+            if gan is not None:
+                g_term, g_stats = gan.generator_loss(rec, x_rec, model.last_layer, step)
+                loss = loss + g_term
+                stats.update(g_stats)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if gan is not None and gan.active(step):
+                opt_d.zero_grad(set_to_none=True)
+                d_loss, d_stats = gan.discriminator_loss(x, x_rec, step)
+                d_loss.backward()
+                opt_d.step()
+                stats.update(d_stats)
+            step += 1
+            for k, v in stats.items():
+                window.setdefault(k, []).append(v.detach().float())
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                means = distributed.all_reduce_mean(ctx, {k: torch.stack(v).mean() for k, v in window.items()})
+                window.clear()
+                record = {"kind": "train", "step": step, "epoch": epoch, "elapsed_s": time.perf_counter() - start,
+                          **means}
+                if ctx.is_main:
+                    _append_record(metrics_path, record)
+                bar.set_postfix(loss=f"{means['loss']:.4f}", psnr=f"{means['psnr']:.2f}",
+                                ppl=f"{means['perplexity']:.1f}")
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and ctx.is_main:
+                run_eval()
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint()
+            if callback is not None:
+                callback(step, {k: float(v) for k, v in stats.items()})
+            if step >= cfg.steps:
+                break
+        epoch, offset = epoch + 1, 0
+    bar.close()
+
+    final: dict = {}
+    if ctx.is_main:
+        result = evaluate(model, test_set, device=ctx.device, max_images=cfg.eval_images, lpips=perceptual,
+                          fid_images=cfg.fid_images, progress=cfg.progress)
+        _append_record(metrics_path, {"kind": "eval", "step": step, **_public(result)})
+        final = {"model": cfg.model, "step": step, **_public(result)}
+        _write_json(out / "eval.json", final)
+        (out / "eval.md").write_text(format_results_table({cfg.model: final}) + "\n")
+        _run_pictures(model, test_set, out, ctx.device, result["counts"])
+    distributed.barrier(ctx)
+    return final
+
+
+def _run_pictures(model: Autoencoder, test_set, out: Path, device: torch.device, counts: Tensor) -> None:
+    pictures = out / "pictures"
+    x = torch.stack([test_set[i] for i in range(min(8, len(test_set)))]).to(device)
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        y = _to_image(model(_to_model(x))[0])
+        model.train(was)
+    plots.save_reconstruction_grid(x.cpu(), y.cpu(), pictures / "reconstructions.png")
+    plots.save_flip_heatmaps(metrics.flip(x, y)[1].cpu(), pictures / "flip.png")
+    records = [r for r in _read_records(out / "metrics.jsonl") if r["kind"] == "train"]
+    if records:
+        plots.plot_training_curves({out.name: records}, pictures / "curves.png")
+    atoms = model.bottleneck.embedding.weight.detach().float().cpu()
+    plots.save_atom_images(atoms, pictures / "atoms.png")
+    plots.plot_atom_embedding(atoms, pictures / "atoms_embedding.png", usage=counts.float(),
+                              title=f"{model.kind.upper()} atoms (PCA), coloured by test usage")
+
+
+# ------------------------------------------------------------------------------------------------ runs and tables
+def load_run(run: str | Path, device: torch.device | str = "cpu") -> tuple[TrainConfig, Autoencoder, int]:
+    """The configuration, model (eval mode) and step of the checkpoint in run directory ``run``."""
+    ckpt = Path(run) / CHECKPOINT
+    if not ckpt.exists():
+        raise FileNotFoundError(f"no checkpoint at {ckpt}: train a model into {run} first (lasers train --out {run})")
+    state = torch.load(ckpt, map_location=device, weights_only=False)
+    cfg = TrainConfig.from_dict(state["config"])
+    channels = json.loads((Path(run) / "config.json").read_text())["notes"]["channels"]
+    model = build_model(cfg, channels).to(device)
+    model.load_state_dict(state["model"])
+    return cfg, model.eval(), state["step"]
+
+
+def evaluate_run(run: str | Path, *, device: str = "auto", max_images: int | None = None,
+                 fid_images: int | None = None, progress: bool = True) -> dict:
+    """Evaluates the checkpoint of ``run`` on its test split; writes eval.json and eval.md there and returns them."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    cfg, model, step = load_run(run, dev)
+    _, test_set = _datasets(cfg)
+    perceptual, _ = _perceptual(cfg, dev)
+    result = evaluate(model, test_set, device=dev, max_images=cfg.eval_images if max_images is None else max_images,
+                      fid_images=cfg.fid_images if fid_images is None else fid_images, lpips=perceptual,
+                      progress=progress)
+    final = {"model": cfg.model, "step": step, **_public(result)}
+    _write_json(Path(run) / "eval.json", final)
+    (Path(run) / "eval.md").write_text(format_results_table({cfg.model: final}) + "\n")
+    return final
+
+
+def format_results_table(results: dict[str, dict]) -> str:
+    """A markdown table with the paper's columns (PSNR as Table 1, plus SSIM, FLIP, LPIPS, perplexity, FID)."""
+    head = ("| model | steps | PSNR (dB) | SSIM | FLIP | LPIPS | perplexity | active atoms | FID (images) |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name, r in results.items():
+        lpips = "n/a" if r.get("lpips") is None else f"{r['lpips']:.4f}"
+        fid = f"{r['fid']:.2f} ({r['fid_images']})" if r.get("fid") is not None else "-"
+        rows.append(f"| {name} | {r['step']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['flip']:.4f} | {lpips} | "
+                    f"{r['perplexity']:.1f} | {r['active_atoms']} | {fid} |")
+    return "\n".join([head, *rows])
+
+
+def compare(cfg: TrainConfig, *, gan: bool = False) -> dict[str, dict]:
+    """Trains (or resumes, or loads when finished) a VQ and a DL model with identical encoder/decoder, data, seed
+    and budget into ``cfg.out``/vq-vae and ``cfg.out``/dl-vae (``-gan`` with ``gan``), prints and writes the
+    side-by-side table (compare.md, compare.json) and comparison pictures; returns {model name: evaluation}."""
+    base = Path(cfg.out)
+    results: dict[str, dict] = {}
+    suffix = "gan" if gan else "vae"
+    for kind in ("vq", "dl"):
+        name = f"{kind}-{suffix}"
+        results[name] = train(dataclasses.replace(cfg, model=name, out=str(base / name)))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return results
+    table = format_results_table(results)
+    (base / "compare.md").write_text(table + "\n")
+    _write_json(base / "compare.json", results)
+    _compare_pictures(base, list(results), cfg)
+    print(table)
+    print(f"\npictures: {base / 'pictures'} (and each run's pictures/ folder); table: {base / 'compare.md'}")
+    return results
+
+
+def _compare_pictures(base: Path, names: list[str], cfg: TrainConfig) -> None:
+    runs = {name: [r for r in _read_records(base / name / "metrics.jsonl") if r["kind"] == "train"]
+            for name in names}
+    plots.plot_training_curves(runs, base / "pictures" / "curves.png")
+    _, test_set = _datasets(cfg)
+    x = torch.stack([test_set[i] for i in range(min(8, len(test_set)))])
+    recs, maps = {}, {}
+    for name in names:
+        _, model, _ = load_run(base / name)
+        with torch.no_grad():
+            y = _to_image(model(_to_model(x))[0])
+        recs[name] = y
+        maps[name] = metrics.flip(x, y)[1]
+    plots.save_reconstruction_grid(x, recs, base / "pictures" / "reconstructions.png")
+    plots.save_flip_heatmaps(maps, base / "pictures" / "flip.png")
