@@ -60,7 +60,10 @@ def _extension():
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
+    # Warnings that signal real bugs fail the build: host-only calls from device code, use before set (549),
+    # missing return (940).
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "--Werror", "cross-execution-space-call",
+            "-Xcudafe", "--diag_error=549", "-Xcudafe", "--diag_error=940"]
     return CUDAExtension("lasers_ext._C", sources, define_macros=[("LASERS_WITH_CUDA", None)],
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
 

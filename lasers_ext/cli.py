@@ -86,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_images(paths: list[Path], channels: int, multiple: int) -> torch.Tensor:
-    """Image files -> (B, channels, H, W) in [0, 1], centre-cropped to the largest common size divisible by
-    ``multiple`` (the model's downsampling)."""
+def _load_images(paths: list[Path], channels: int, multiple: tuple[int, int]) -> torch.Tensor:
+    """Image files -> (B, channels, H, W) in [0, 1], centre-cropped to the largest common size whose height and
+    width are multiples of ``multiple`` (the model's downsampling, (h, w))."""
     from PIL import Image
 
     arrays = []
@@ -96,11 +96,12 @@ def _load_images(paths: list[Path], channels: int, multiple: int) -> torch.Tenso
         if not path.exists():
             raise FileNotFoundError(f"no image at {path}")
         with Image.open(path) as im:
-            arrays.append(torch.from_numpy(np.asarray(im.convert("L" if channels == 1 else "RGB"))))
-    h = min(a.shape[0] for a in arrays) // multiple * multiple
-    w = min(a.shape[1] for a in arrays) // multiple * multiple
+            arrays.append(torch.from_numpy(np.array(im.convert("L" if channels == 1 else "RGB"))))
+    mh, mw = multiple
+    h = min(a.shape[0] for a in arrays) // mh * mh
+    w = min(a.shape[1] for a in arrays) // mw * mw
     if h == 0 or w == 0:
-        raise ValueError(f"images must be at least {multiple} x {multiple} pixels")
+        raise ValueError(f"images must be at least {mh} x {mw} pixels")
     out = []
     for a in arrays:
         a = a if a.dim() == 3 else a[..., None]

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
-__all__ = ["Context", "setup", "teardown", "all_reduce_mean", "barrier", "ResumableSampler"]
+__all__ = ["Context", "setup", "teardown", "all_reduce_mean", "all_reduce_sum", "barrier", "ResumableSampler"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> Context:
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but torch sees no CUDA device")
+        raise ValueError("device='cuda' but torch sees no CUDA device (use --device cpu or auto)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Context(0, 1, torch.device("cuda" if use_cuda else "cpu"))
@@ -82,6 +82,14 @@ def all_reduce_mean(ctx: Context, values: dict[str, Tensor]) -> dict[str, float]
         dist.all_reduce(stacked)
         stacked /= ctx.world_size
     return dict(zip(names, stacked.tolist()))
+
+
+def all_reduce_sum(ctx: Context, tensor: Tensor) -> Tensor:
+    """The sum over ranks of ``tensor`` (a new tensor; ``tensor`` itself is unchanged)."""
+    total = tensor.detach().clone()
+    if ctx.distributed:
+        dist.all_reduce(total)
+    return total
 
 
 class ResumableSampler(DistributedSampler):

@@ -43,7 +43,7 @@ __all__ = ["MODELS", "TrainConfig", "train", "evaluate", "evaluate_run", "compar
 MODELS = ("dl-vae", "dl-gan", "vq-vae", "vq-gan")
 CHECKPOINT = "checkpoint.pt"
 # Fields that fix the shapes of the saved tensors: a checkpoint resumes only under the same values.
-_ARCHITECTURE = ("model", "in_channels", "hidden", "res_hidden", "n_res_blocks", "n_e", "e_dim", "sparsity",
+_ARCHITECTURE = ("model", "hidden", "res_hidden", "n_res_blocks", "n_e", "e_dim", "sparsity",
                  "patch_size", "ndf", "disc_layers")
 
 
@@ -188,10 +188,14 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Writes ``path`` through a temporary file in the same folder and a rename, so readers (and a resume after a
     crash) see either the old or the new file, never a partial one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -305,7 +309,8 @@ def train(cfg: TrainConfig, *, callback: Callable[[int, dict], None] | None = No
     floats); an exception raised there stops training like a crash would (the last checkpoint stays).
     """
     cfg.validate()
-    ctx = distributed.setup(cfg.device)
+    # Rank 0 evaluates alone (FID on a CPU can take long) while the others wait in a collective: allow an hour.
+    ctx = distributed.setup(cfg.device, timeout_s=3600.0)
     try:
         return _train(cfg, ctx, callback)
     finally:
@@ -340,8 +345,9 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=ctx.device, weights_only=False)
         saved = TrainConfig.from_dict(state["config"])
-        changed = [f for f in _ARCHITECTURE if getattr(saved, f, None) != getattr(cfg, f, None)
-                   and f != "in_channels"]
+        changed = [f for f in _ARCHITECTURE if getattr(saved, f) != getattr(cfg, f)]
+        if state.get("channels", train_set.channels) != train_set.channels:
+            changed.append(f"image channels ({state['channels']}, now {train_set.channels}: see --gray and --data)")
         if changed:
             raise ValueError(f"{ckpt_path} was trained with other {', '.join(changed)}; use another --out or the "
                              "same settings to resume")
@@ -370,8 +376,10 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
             gan.discriminator = DistributedDataParallel(sync_bn, device_ids=ids)
 
     sampler = distributed.ResumableSampler(train_set, ctx.world_size, ctx.rank, cfg.seed)
+    # the loader's own generator: drawing worker seeds must not move the global RNG (resume restores that exactly)
     loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=cfg.workers,
-                        drop_last=True, pin_memory=ctx.device.type == "cuda", persistent_workers=False)
+                        drop_last=True, pin_memory=ctx.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed))
     batches_per_epoch = sampler.num_samples // local_batch
     if batches_per_epoch == 0:
         raise ValueError(f"the training split has {len(train_set)} images, fewer than one batch of {cfg.batch_size}")
@@ -388,7 +396,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
             save_checkpoint(ckpt_path, {
                 "config": cfg.to_dict(), "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
                 "gan": gan_state, "opt_d": opt_d.state_dict() if opt_d is not None else None, "rng": _rng_state(),
-                "world_size": ctx.world_size})
+                "world_size": ctx.world_size, "channels": train_set.channels})
         distributed.barrier(ctx)
 
     def run_eval() -> dict:
@@ -400,6 +408,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.model, disable=not (ctx.is_main and cfg.progress),
                dynamic_ncols=True, file=sys.stderr)
     window: dict[str, list[Tensor]] = {}
+    usage = torch.zeros(cfg.n_e, dtype=torch.float64, device=ctx.device)  # code histogram of the logging window
     start = time.perf_counter()
     epoch, offset = divmod(step, batches_per_epoch)
     while step < cfg.steps:
@@ -412,8 +421,9 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
             x_rec = x_rec.float()
             rec = rec_loss_fn(x, x_rec)
             loss = rec + q_loss.float()
+            codes = info.indices.detach().reshape(-1)
+            usage.index_add_(0, codes.clamp(min=0), (codes >= 0).to(usage.dtype))  # no host sync
             stats = {"loss": loss.detach(), "rec_loss": rec.detach(), "q_loss": q_loss.detach().float(),
-                     "perplexity": info.perplexity.detach().float(),
                      "psnr": metrics.psnr(_to_image(x), _to_image(x_rec.detach())).clamp(max=100).mean()}
             if gan is not None:
                 g_term, g_stats = gan.generator_loss(rec, x_rec, model.last_layer, step)
@@ -434,7 +444,10 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 means = distributed.all_reduce_mean(ctx, {k: torch.stack(v).mean() for k, v in window.items()})
+                # perplexity of all codes used since the last record, on all ranks (the histograms are summed)
+                means["perplexity"] = metrics.perplexity(distributed.all_reduce_sum(ctx, usage).cpu())
                 window.clear()
+                usage.zero_()
                 record = {"kind": "train", "step": step, "epoch": epoch, "elapsed_s": time.perf_counter() - start,
                           **means}
                 if ctx.is_main:
