@@ -478,9 +478,15 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
     return final
 
 
+def _picture_batch(test_set, count: int = 8) -> Tensor:
+    """``count`` test images spread evenly over the test split (B, C, H, W)."""
+    picks = torch.linspace(0, len(test_set) - 1, min(count, len(test_set))).round().long().unique()
+    return torch.stack([test_set[int(i)] for i in picks])
+
+
 def _run_pictures(model: Autoencoder, test_set, out: Path, device: torch.device, counts: Tensor) -> None:
     pictures = out / "pictures"
-    x = torch.stack([test_set[i] for i in range(min(8, len(test_set)))]).to(device)
+    x = _picture_batch(test_set).to(device)
     with torch.no_grad():
         was = model.training
         model.eval()
@@ -567,7 +573,7 @@ def _compare_pictures(base: Path, names: list[str], cfg: TrainConfig) -> None:
             for name in names}
     plots.plot_training_curves(runs, base / "pictures" / "curves.png")
     _, test_set = _datasets(cfg)
-    x = torch.stack([test_set[i] for i in range(min(8, len(test_set)))])
+    x = _picture_batch(test_set)
     recs, maps = {}, {}
     for name in names:
         _, model, _ = load_run(base / name)
