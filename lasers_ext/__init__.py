@@ -5,12 +5,17 @@ Public API:
     sparse_decode(indices, coeffs, dictionary) -> (..., M)
     SparseDictBottleneck(n_e, e_dim, beta=0.25, ..., sparsity=None, patch_size=1): drop-in for taming's VectorQuantizer
     VectorQuantizer(n_e, e_dim, beta=0.25, ..., ema=False): the VQ baseline with the same interface
+    build_autoencoder("dl" | "vq", ...) -> Autoencoder; PatchDiscriminator: the paper's models (lasers_ext.models)
+
+Submodules imported on demand: lasers_ext.train (TrainConfig, train, evaluate, compare), lasers_ext.data,
+lasers_ext.metrics, lasers_ext.plots, lasers_ext.cli (the ``lasers`` command), lasers_ext.benchmark.
 """
 
 from .bottleneck import QuantizerInfo, SparseDictBottleneck
+from .models import Autoencoder, PatchDiscriminator, build_autoencoder
 from .ops import BACKENDS, SparseCodes, available_backends, batch_omp, sparse_decode
 from .vq import VectorQuantizer
 
-__all__ = ["BACKENDS", "QuantizerInfo", "SparseCodes", "SparseDictBottleneck", "VectorQuantizer", "available_backends",
-           "batch_omp", "sparse_decode"]
+__all__ = ["BACKENDS", "Autoencoder", "PatchDiscriminator", "QuantizerInfo", "SparseCodes", "SparseDictBottleneck",
+           "VectorQuantizer", "available_backends", "batch_omp", "build_autoencoder", "sparse_decode"]
 __version__ = "0.1.0"
