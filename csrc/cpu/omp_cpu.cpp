@@ -7,6 +7,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../dictionary.h"
 #include "../omp_core.h"
 
 namespace lasers {
@@ -87,17 +88,11 @@ std::tuple<at::Tensor, at::Tensor> batch_omp_cpu(const at::Tensor& x, const at::
   if (N == 0) return {indices, coeffs};
 
   const at::Tensor xc = x.contiguous();
-  const at::Tensor norms = dictionary.norm(2, /*dim=*/1, /*keepdim=*/true);  // (K, 1)
-  const at::Tensor nonzero = norms > 0;
-  const at::Tensor inv_norm = at::where(nonzero, norms.reciprocal(), at::zeros_like(norms));
-  const at::Tensor unit = at::where(nonzero, dictionary / norms, at::zeros_like(dictionary));  // (K, M)
-  const at::Tensor gram = at::mm(unit, unit.t()).contiguous();              // (K, K)
-  const at::Tensor atoms_t = unit.t().contiguous();                         // (M, K)
-  const at::Tensor inv_flat = inv_norm.reshape({-1}).contiguous();
+  const PreparedDictionary d = prepare_dictionary(dictionary);
   const double tol_value = tol.has_value() ? *tol : -1.0;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_omp_cpu", [&] {
-    batch_omp_cpu_impl<scalar_t>(xc, atoms_t, gram, inv_flat, sparsity, tol_value, indices, coeffs);
+    batch_omp_cpu_impl<scalar_t>(xc, d.atoms_t, d.gram, d.inv_norm, sparsity, tol_value, indices, coeffs);
   });
   return {indices, coeffs};
 }
