@@ -160,7 +160,7 @@ def batch_omp_triton(x: Tensor, dictionary: Tensor, sparsity: int, tol: float | 
     unit = torch.where(nonzero, dictionary / norms, torch.zeros_like(dictionary))
     inv_norm = torch.where(nonzero, norms.reciprocal(), torch.zeros_like(norms)).reshape(-1).contiguous()
     unit64 = unit.double()
-    gram = (unit64 @ unit64.T).to(x.dtype).contiguous()  # float64 accumulation, as csrc/dictionary.h
+    gram = (unit64 @ unit64.T).to(x.dtype).contiguous()  # float64 accumulation, as csrc/kernel_common.h
     eps = torch.finfo(x.dtype).eps
     args = (x.contiguous(), unit.T.contiguous(), gram, inv_norm, indices, coeffs,
             n, k, m, -1.0 if tol is None else float(tol), math.sqrt(eps), eps)

@@ -7,7 +7,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../dictionary.h"
+#include "../kernel_common.h"
 #include "../omp_core.h"
 
 namespace lasers {
@@ -68,19 +68,11 @@ void batch_omp_cpu_impl(const at::Tensor& x, const at::Tensor& atoms_t, const at
 }  // namespace
 
 // x (N, M) and dictionary (K, M), float32 or float64, same dtype, CPU. Returns indices (N, S) int64 and
-// coeffs (N, S) in x's dtype. Argument checking with messages for users happens in lasers_ext/ops.py; the checks
-// here guard the memory accesses for direct callers of torch.ops.lasers_ext.batch_omp.
+// coeffs (N, S) in x's dtype.
 std::tuple<at::Tensor, at::Tensor> batch_omp_cpu(const at::Tensor& x, const at::Tensor& dictionary, int64_t sparsity,
                                                  std::optional<double> tol) {
-  TORCH_CHECK(x.dim() == 2 && dictionary.dim() == 2, "batch_omp: x must be (N, M) and dictionary (K, M)");
-  TORCH_CHECK(x.size(1) == dictionary.size(1), "batch_omp: x and dictionary disagree on M");
-  TORCH_CHECK(x.scalar_type() == dictionary.scalar_type(), "batch_omp: x and dictionary dtypes differ");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "batch_omp: the CPU kernel takes float32 or float64");
-  TORCH_CHECK(x.device().is_cpu() && dictionary.device().is_cpu(), "batch_omp: expected CPU tensors");
-  TORCH_CHECK(dictionary.size(0) >= 1, "batch_omp: empty dictionary");
-  TORCH_CHECK(sparsity >= 1 && sparsity <= std::min(dictionary.size(0), dictionary.size(1)),
-              "batch_omp: need 1 <= sparsity <= min(K, M)");
+  check_kernel_arguments(x, dictionary, sparsity, "CPU");
+  TORCH_CHECK(x.device().is_cpu(), "batch_omp: expected CPU tensors");
 
   const int64_t N = x.size(0);
   auto indices = at::empty({N, sparsity}, x.options().dtype(at::kLong));

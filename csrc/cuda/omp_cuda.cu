@@ -19,7 +19,7 @@
 #include <optional>
 #include <tuple>
 
-#include "../dictionary.h"
+#include "../kernel_common.h"
 #include "../omp_core.h"
 
 namespace lasers {
@@ -204,21 +204,11 @@ void launch(const at::Tensor& x, const at::Tensor& atoms_t, const at::Tensor& gr
 }  // namespace
 
 // x (N, M) and dictionary (K, M), float32 or float64, same dtype, same CUDA device. Returns indices (N, S) int64 and
-// coeffs (N, S) in x's dtype. Users reach this through lasers_ext.batch_omp, which checks arguments with messages;
-// the checks here guard memory accesses for direct callers of torch.ops.lasers_ext.batch_omp. Nothing here
-// synchronises with the host.
+// coeffs (N, S) in x's dtype. Nothing here synchronises with the host.
 std::tuple<at::Tensor, at::Tensor> batch_omp_cuda(const at::Tensor& x, const at::Tensor& dictionary,
                                                   int64_t sparsity, std::optional<double> tol) {
-  TORCH_CHECK(x.dim() == 2 && dictionary.dim() == 2, "batch_omp: x must be (N, M) and dictionary (K, M)");
-  TORCH_CHECK(x.size(1) == dictionary.size(1), "batch_omp: x and dictionary disagree on M");
-  TORCH_CHECK(x.scalar_type() == dictionary.scalar_type(), "batch_omp: x and dictionary dtypes differ");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "batch_omp: the CUDA kernel takes float32 or float64");
-  TORCH_CHECK(x.is_cuda() && dictionary.is_cuda() && x.device() == dictionary.device(),
-              "batch_omp: expected CUDA tensors on one device");
-  TORCH_CHECK(dictionary.size(0) >= 1 && dictionary.size(0) < (int64_t{1} << 31), "batch_omp: bad dictionary size");
-  TORCH_CHECK(sparsity >= 1 && sparsity <= std::min(dictionary.size(0), dictionary.size(1)),
-              "batch_omp: need 1 <= sparsity <= min(K, M)");
+  check_kernel_arguments(x, dictionary, sparsity, "CUDA");
+  TORCH_CHECK(x.is_cuda(), "batch_omp: expected CUDA tensors");
 
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0);
