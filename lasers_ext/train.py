@@ -79,6 +79,9 @@ class TrainConfig:
     patch_size: int = _opt(1, "DL only: code non-overlapping patch_size x patch_size latent patches as one vector")
     ema_decay: float = _opt(0.99, "VQ only: EMA decay of the codebook")
     backend: str = _opt("auto", "DL only: Batch-OMP backend (auto, cpu, cuda, triton, reference)")
+    dictionary_update: str = _opt("gradient", "DL only: 'gradient' (the optimiser learns the dictionary, codes held "
+                                  "fixed) or 'online' (the paper's learning-rate-free update, supplementary section "
+                                  "8; all-reduced under torchrun)", choices=("gradient", "online"))
     # optimisation
     steps: int = _opt(2000, "total training steps (optimiser updates)")
     batch_size: int = _opt(32, "GLOBAL batch size: the sum over all processes (each takes batch_size / world size)")
@@ -162,7 +165,7 @@ def build_model(cfg: TrainConfig, in_channels: int) -> Autoencoder:
     return build_autoencoder(cfg.kind, in_channels=in_channels, hidden=cfg.hidden, res_hidden=cfg.res_hidden,
                              n_res_blocks=cfg.n_res_blocks, n_e=cfg.n_e, e_dim=cfg.e_dim, sparsity=cfg.sparsity,
                              beta=cfg.beta, patch_size=cfg.patch_size, backend=cfg.backend,
-                             ema_decay=cfg.ema_decay)
+                             ema_decay=cfg.ema_decay, dictionary_update=cfg.dictionary_update)
 
 
 def _seed_everything(seed: int) -> None:

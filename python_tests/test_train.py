@@ -271,12 +271,14 @@ def test_cli_cuda_without_gpu_exits_2(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------------- resume, atomicity
-@pytest.mark.parametrize("model", ["dl-vae", "vq-vae", "dl-gan"])
+@pytest.mark.parametrize("model", ["dl-vae", "vq-vae", "dl-gan", "dl-vae-online"])
 def test_crash_and_resume_equals_uninterrupted_run(tmp_path, no_pictures, model):
     # 48 crops / batch 8 = 6 batches per epoch: the checkpoint at step 4 is mid-epoch and step 7 starts epoch 1.
-    gan = dict(disc_start=2, ndf=8, disc_layers=2) if model == "dl-gan" else {}
+    extra = dict(disc_start=2, ndf=8, disc_layers=2) if model == "dl-gan" else {}
+    if model == "dl-vae-online":  # the paper's online dictionary update (its statistics must resume too)
+        model, extra = "dl-vae", dict(dictionary_update="online")
     cfg_a = TrainConfig(**{**TINY, "train_length": 48, "steps": 8, "checkpoint_every": 4, "eval_images": 4},
-                        model=model, out=str(tmp_path / "a"), **gan)
+                        model=model, out=str(tmp_path / "a"), **extra)
     cfg_b = dataclasses.replace(cfg_a, out=str(tmp_path / "b"))
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     result_a = train(cfg_a)
