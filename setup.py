@@ -5,7 +5,8 @@ LASERS_EXT_CUDA overrides that choice:
     LASERS_EXT_CUDA=0     CPU-only build, even with a CUDA toolkit present
     LASERS_EXT_CUDA=1     CUDA build or a loud failure (never a silent CPU-only build)
     unset / "auto"        CUDA when possible; when torch has CUDA but nvcc is missing, a warning says so
-Without a visible GPU, TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0+PTX" (A100, H100 and newer via PTX).
+TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0+PTX" (A100, H100, newer GPUs via PTX) plus the architectures of the
+visible GPUs.
 Install with `pip install --no-build-isolation .` after torch so the extension is built against that same torch.
 """
 
@@ -57,8 +58,11 @@ def _extension():
     link = ["-fopenmp"]
     if not _cuda_wanted():
         return CppExtension("lasers_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
-    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        # A100 and H100 always, plus any visible GPU's own architecture; PTX of the newest for GPUs to come.
+        archs = {(8, 0), (9, 0)}
+        archs |= {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" for a, b in sorted(archs)) + "+PTX"
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     # Warnings that signal real bugs fail the build: host-only calls from device code, use before set (549),
     # missing return (940).
