@@ -26,14 +26,17 @@ from .train import TrainConfig, compare, evaluate_run, format_results_table, loa
 
 __all__ = ["main", "build_parser"]
 
+COMPARE_DEFAULTS = {"out": "runs/compare"}  # the two runs go to OUT/vq-vae and OUT/dl-vae (or -gan)
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, defaults left as None so that --config values can fill the gaps."""
+
+def _add_config_options(parser: argparse.ArgumentParser, **defaults) -> None:
+    """One flag per TrainConfig field, defaults left as None so that --config values can fill the gaps; ``defaults``
+    are this subcommand's own defaults (shown in --help, applied by _config_from)."""
     hints = typing.get_type_hints(TrainConfig)
     group = parser.add_argument_group("training options (also readable from --config)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f"{f.metadata['help']} (default: {defaults.get(f.name, f.default)})"
         hint = hints[f.name]
         if hint is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -69,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train (or load) a VQ and a DL model on the same data and budget, print the "
                        "paper's Table 1 columns side by side")
     p.add_argument("--gan", action="store_true", help="compare VQ-GAN with DL-GAN instead of VQ-VAE with DL-VAE")
-    _add_config_options(p)
+    _add_config_options(p, **COMPARE_DEFAULTS)
 
     p = sub.add_parser("eval", help="evaluate a trained run on its test split (writes eval.json and eval.md)")
     p.add_argument("run", type=Path, help="run directory")
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             if result:
                 print(format_results_table({result["model"]: result}))
         elif args.command == "compare":
-            compare(_config_from(args, out="runs/compare"), gan=args.gan)
+            compare(_config_from(args, **COMPARE_DEFAULTS), gan=args.gan)
         elif args.command == "eval":
             result = evaluate_run(args.run, device=args.device, max_images=args.eval_images,
                                   fid_images=args.fid_images)
