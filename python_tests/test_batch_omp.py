@@ -56,6 +56,17 @@ def assert_matches_reference(codes, x, d, s, tol=None):
     assert (err <= bound).all(), f"coefficient error {err.max():.3g} above bound at row {(err / bound).argmax()}"
 
 
+def share_matching_cpu_kernel(codes, x, d, s, tol=None) -> float:
+    """Codes from another backend against the C++ kernel on the same input: asserts that the rows with identical
+    supports have coefficients within 1e-5 (float32) / 1e-12 (float64) relative, and returns the share of those rows
+    (the caller bounds it: supports may differ only on ties at rounding level)."""
+    cpu = batch_omp(x, d, s, tol=tol, backend="cpu")
+    same = (codes.indices == cpu.indices).all(1)
+    err = (codes.coeffs - cpu.coeffs)[same].norm(dim=1) / cpu.coeffs[same].norm(dim=1).clamp_min(1e-30)
+    assert err.max() <= (1e-5 if x.dtype == torch.float32 else 1e-12)
+    return same.float().mean().item()
+
+
 def sklearn_codes(x, d, s, tol=None):
     """scikit-learn's Gram OMP over the normalised atoms, mapped to (N, K) coefficients of the given atoms."""
     from sklearn.linear_model import orthogonal_mp_gram
