@@ -115,13 +115,13 @@ def _load_images(paths: list[Path], channels: int, multiple: tuple[int, int]) ->
 
 def _reconstruct(args: argparse.Namespace) -> int:
     from . import metrics, plots
-    from .train import _datasets, _to_image, _to_model
+    from .train import _dataset, _to_image, _to_model
 
     cfg, model, step = load_run(args.run)
     if args.images:
         x = _load_images(args.images, model.in_channels, model.multiple)
     else:
-        _, test_set = _datasets(cfg)
+        test_set = _dataset(cfg, "test")
         x = torch.stack([test_set[i] for i in range(min(args.count, len(test_set)))])
     with torch.no_grad():
         y = _to_image(model(_to_model(x))[0])

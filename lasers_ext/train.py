@@ -153,11 +153,10 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------- pieces
-def _datasets(cfg: TrainConfig):
-    train_set = build_dataset(cfg.data, "train", root=cfg.data_root, size=cfg.image_size, gray=cfg.gray,
-                              length=cfg.train_length, seed=cfg.seed)
-    test_set = build_dataset(cfg.data, "test", root=cfg.data_root, size=cfg.image_size, gray=cfg.gray, seed=cfg.seed)
-    return train_set, test_set
+def _dataset(cfg: TrainConfig, split: str):
+    """The "train" or "test" split of the run's data (``train_length`` applies to training crops only)."""
+    return build_dataset(cfg.data, split, root=cfg.data_root, size=cfg.image_size, gray=cfg.gray,
+                         length=cfg.train_length if split == "train" else None, seed=cfg.seed)
 
 
 def build_model(cfg: TrainConfig, in_channels: int) -> Autoencoder:
@@ -280,7 +279,8 @@ def evaluate(model: Autoencoder, dataset, *, device: torch.device | str = "cpu",
             fid_seen += take
     model.train(was_training)
     result = {k: v / n for k, v in sums.items()}
-    result["lpips"] = result["lpips"] if lpips is not None else None
+    if lpips is None:
+        result["lpips"] = None
     result.update(perplexity=metrics.perplexity(counts), active_atoms=int((counts > 0).sum()), images=n)
     if fid is not None:
         if fid_seen < 2:
@@ -332,7 +332,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
     distributed.barrier(ctx)
 
     _seed_everything(cfg.seed)
-    train_set, test_set = _datasets(cfg)
+    train_set, test_set = _dataset(cfg, "train"), _dataset(cfg, "test")
     model = build_model(cfg, train_set.channels).to(ctx.device)
     perceptual, loss_note = _perceptual(cfg, ctx.device)
     rec_loss_fn = ReconstructionLoss(cfg.eta, perceptual)
@@ -473,9 +473,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
         result = evaluate(model, test_set, device=ctx.device, max_images=cfg.eval_images, lpips=perceptual,
                           fid_images=cfg.fid_images, progress=cfg.progress)
         _append_record(metrics_path, {"kind": "eval", "step": step, **_public(result)})
-        final = {"model": cfg.model, "step": step, **_public(result)}
-        _write_json(out / "eval.json", final)
-        (out / "eval.md").write_text(format_results_table({cfg.model: final}) + "\n")
+        final = _save_evaluation(out, cfg.model, step, result)
         _run_pictures(model, test_set, out, ctx.device, result["counts"])
     distributed.barrier(ctx)
     return final
@@ -526,14 +524,19 @@ def evaluate_run(run: str | Path, *, device: str = "auto", max_images: int | Non
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     cfg, model, step = load_run(run, dev)
-    _, test_set = _datasets(cfg)
+    test_set = _dataset(cfg, "test")
     perceptual, _ = _perceptual(cfg, dev)
     result = evaluate(model, test_set, device=dev, max_images=cfg.eval_images if max_images is None else max_images,
                       fid_images=cfg.fid_images if fid_images is None else fid_images, lpips=perceptual,
                       progress=progress)
-    final = {"model": cfg.model, "step": step, **_public(result)}
-    _write_json(Path(run) / "eval.json", final)
-    (Path(run) / "eval.md").write_text(format_results_table({cfg.model: final}) + "\n")
+    return _save_evaluation(Path(run), cfg.model, step, result)
+
+
+def _save_evaluation(run: Path, model_name: str, step: int, result: dict) -> dict:
+    """Writes the evaluation ``result`` of ``run`` at ``step`` as eval.json and eval.md; returns what was written."""
+    final = {"model": model_name, "step": step, **_public(result)}
+    _write_json(run / "eval.json", final)
+    (run / "eval.md").write_text(format_results_table({model_name: final}) + "\n")
     return final
 
 
@@ -575,8 +578,7 @@ def _compare_pictures(base: Path, names: list[str], cfg: TrainConfig) -> None:
     runs = {name: [r for r in _read_records(base / name / "metrics.jsonl") if r["kind"] == "train"]
             for name in names}
     plots.plot_training_curves(runs, base / "pictures" / "curves.png")
-    _, test_set = _datasets(cfg)
-    x = _picture_batch(test_set)
+    x = _picture_batch(_dataset(cfg, "test"))
     recs, maps = {}, {}
     for name in names:
         _, model, _ = load_run(base / name)
