@@ -402,10 +402,11 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
                 "world_size": ctx.world_size, "channels": train_set.channels})
         distributed.barrier(ctx)
 
-    def run_eval() -> dict:
-        result = evaluate(model, test_set, device=ctx.device, max_images=cfg.eval_images, lpips=perceptual)
-        if ctx.is_main:
-            _append_record(metrics_path, {"kind": "eval", "step": step, **_public(result)})
+    def run_eval(fid_images: int = 0, progress: bool = False) -> dict:
+        """Rank 0 only: evaluates on the test split and logs the record."""
+        result = evaluate(model, test_set, device=ctx.device, max_images=cfg.eval_images, lpips=perceptual,
+                          fid_images=fid_images, progress=progress)
+        _append_record(metrics_path, {"kind": "eval", "step": step, **_public(result)})
         return result
 
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.model, disable=not (ctx.is_main and cfg.progress),
@@ -470,9 +471,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
 
     final: dict = {}
     if ctx.is_main:
-        result = evaluate(model, test_set, device=ctx.device, max_images=cfg.eval_images, lpips=perceptual,
-                          fid_images=cfg.fid_images, progress=cfg.progress)
-        _append_record(metrics_path, {"kind": "eval", "step": step, **_public(result)})
+        result = run_eval(cfg.fid_images, cfg.progress)
         final = _save_evaluation(out, cfg.model, step, result)
         _run_pictures(model, test_set, out, ctx.device, result["counts"])
     distributed.barrier(ctx)
