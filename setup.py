@@ -54,7 +54,8 @@ def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # at::parallel_for is a header template over OpenMP (torch's CPU backend): without -fopenmp it runs serially.
     # The extension then needs libgomp.so.1, which the loader takes from the copy torch has already loaded.
-    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+    # -ffp-contract=off: the arithmetic contract of csrc/omp_core.h (explicit fma only, in every SIMD clone)
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp", "-ffp-contract=off"]
     link = ["-fopenmp"]
     if not _cuda_wanted():
         return CppExtension("lasers_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
@@ -65,9 +66,11 @@ def _extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" for a, b in sorted(archs)) + "+PTX"
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     # Warnings that signal real bugs fail the build: host-only calls from device code, use before set (549),
-    # missing return (940).
+    # missing return (940), and any register spill or local-memory array in a kernel (ptxas). -fmad=false: no
+    # multiply-add contraction beyond the explicit fma calls of the arithmetic contract (csrc/omp_core.h).
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "--Werror", "cross-execution-space-call",
-            "-Xcudafe", "--diag_error=549", "-Xcudafe", "--diag_error=940"]
+            "-Xcudafe", "--diag_error=549", "-Xcudafe", "--diag_error=940", "-fmad=false",
+            "-Xcompiler", "-ffp-contract=off", "-Xptxas", "-warn-spills,-warn-lmem-usage,-Werror"]
     return CUDAExtension("lasers_ext._C", sources, define_macros=[("LASERS_WITH_CUDA", None)],
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
 

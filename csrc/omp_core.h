@@ -7,11 +7,28 @@
 // Conventions shared by every backend (lasers_ext/ops.py documents them for users):
 //   * Atoms are the rows of the dictionary, normalised to unit length before coding; a zero atom is never chosen.
 //   * Selection: j = argmax_k |alpha_k| over atoms not yet chosen, lowest index on ties.
+//   * A vector whose squared norm ||x||^2 is not finite (NaN or infinite entries, or overflow) gets every slot
+//     unused: no kernel reads or writes out of bounds on such a row, and none invents a code for it.
 //   * A vector stops early, leaving its remaining slots unused (index -1, coefficient 0), when
 //       - its squared residual norm is <= tol (checked before every selection, including the first), or
 //       - its residual is numerically zero: max_k alpha_k^2 <= eps * ||x||^2 (covers x = 0), or
 //       - the selected atom is linearly dependent on those already chosen: the new Cholesky pivot
 //         1 - w^T w falls below sqrt(eps) (eps = machine epsilon of the compute dtype).
+//
+// THE ARITHMETIC CONTRACT. Every compiled backend (the C++ CPU kernel with each of its SIMD clones, both CUDA kernels,
+// the CPU-side model of the CUDA fast path in tests/) rounds exactly the same operations in exactly the same order,
+// so they choose identical supports and identical coefficients on the same input. A faster kernel may change how the
+// work is parallelised (which vectors or atoms run together), never the order of a sum:
+//   * ||x||^2 = fma chain over m ascending, from 0:           xx = fma(x_m, x_m, xx)
+//   * alpha0_k = fma chain over m ascending, from 0:          a = fma(x_m, atoms_t[m, k], a)
+//   * alpha_k = alpha0_k then over the support in selection order t = 0, 1, ...:  a = fma(-gamma_t, G[I_t, k], a)
+//   * argmax: the largest |alpha_k| (NaN never wins), lowest k on ties; an already chosen atom wins only when every
+//     correlation is at rounding level, and then the search is repeated with the chosen atoms' alpha set to 0.
+//   * the S x S steps below: fma chains in the loop order written here, and a multiplication by the stored
+//     reciprocal 1 / L_rr of each pivot (IEEE division once per pivot, IEEE sqrt) instead of a division per use;
+//   * ||r||^2 = ||x||^2, then residual = fma(-y_s, y_s, residual) per accepted atom.
+// Every fused multiply-add is an explicit std::fma call. Nothing is left to the compiler's contraction: the host build
+// uses -ffp-contract=off (so the CPU kernel's baseline clone, without hardware FMA, calls fma too) and nvcc -fmad=false.
 #pragma once
 
 #include <cfloat>
@@ -40,42 +57,72 @@ LASERS_HD Thresholds<T> default_thresholds() {
   return Thresholds<T>{static_cast<T>(std::sqrt(eps)), eps};
 }
 
-// Appends atom j to the Cholesky factor L (row-major, leading dimension ld) of G_TT, T = support[0..s).
-// Solves L[0:s,0:s] w = G[T, j] into row s of L and sets L[s][s] = sqrt(G_jj - w^T w).
-// Returns false (leaving row s unusable) when the pivot is below pivot_min: atom j depends linearly on T.
+// Appends atom j to the Cholesky factor L (row-major, leading dimension ld) of G_TT, T = support[0..s), whose pivots'
+// reciprocals are inv_diag[0..s). Solves L[0:s,0:s] w = G[T, j] into row s of L and sets L[s][s] = sqrt(G_jj - w^T w)
+// and inv_diag[s] = 1 / L[s][s]. Returns false (leaving row s unusable) when the pivot is below pivot_min: atom j
+// depends linearly on T.
 template <typename T, typename GramRow>
-LASERS_HD bool cholesky_append(T* L, int ld, int s, GramRow gram_tj, T g_jj, T pivot_min) {
+LASERS_HD bool cholesky_append(T* L, int ld, int s, GramRow gram_tj, T g_jj, T* inv_diag, T pivot_min) {
   T* w = L + s * ld;
   T ww = T(0);
   for (int r = 0; r < s; ++r) {
     T acc = gram_tj(r);
-    for (int c = 0; c < r; ++c) acc -= L[r * ld + c] * w[c];
-    acc /= L[r * ld + r];
+    for (int c = 0; c < r; ++c) acc = std::fma(-L[r * ld + c], w[c], acc);
+    acc *= inv_diag[r];
     w[r] = acc;
-    ww += acc * acc;
+    ww = std::fma(acc, acc, ww);
   }
   const T pivot = g_jj - ww;
   if (!(pivot >= pivot_min)) return false;
-  w[s] = std::sqrt(pivot);
+  const T diag = std::sqrt(pivot);
+  w[s] = diag;
+  inv_diag[s] = T(1) / diag;
   return true;
 }
 
 // One forward-substitution step of L y = alpha0_T: y[s] from the already known y[0..s).
 template <typename T>
-LASERS_HD T forward_step(const T* L, int ld, int s, const T* y, T alpha0_j) {
+LASERS_HD T forward_step(const T* L, int ld, int s, const T* inv_diag, const T* y, T alpha0_j) {
   T acc = alpha0_j;
-  for (int c = 0; c < s; ++c) acc -= L[s * ld + c] * y[c];
-  return acc / L[s * ld + s];
+  for (int c = 0; c < s; ++c) acc = std::fma(-L[s * ld + c], y[c], acc);
+  return acc * inv_diag[s];
 }
 
 // Back substitution L^T gamma = y for an n x n lower-triangular L.
 template <typename T>
-LASERS_HD void back_solve(const T* L, int ld, int n, const T* y, T* gamma) {
+LASERS_HD void back_solve(const T* L, int ld, int n, const T* inv_diag, const T* y, T* gamma) {
   for (int r = n - 1; r >= 0; --r) {
     T acc = y[r];
-    for (int c = r + 1; c < n; ++c) acc -= L[c * ld + r] * gamma[c];
-    gamma[r] = acc / L[r * ld + r];
+    for (int c = r + 1; c < n; ++c) acc = std::fma(-L[c * ld + r], gamma[c], acc);
+    gamma[r] = acc * inv_diag[r];
   }
+}
+
+// Squared norm of x (M) in the contract's order.
+template <typename T>
+LASERS_HD T squared_norm(const T* x, int64_t M) {
+  T xx = T(0);
+  for (int64_t m = 0; m < M; ++m) xx = std::fma(x[m], x[m], xx);
+  return xx;
+}
+
+// Dictionary preparation, identical on every device (kernel_common.h on the CPU, a CUDA kernel on the GPU), so the
+// CPU and CUDA kernels code against the very same numbers: float64 fma chains over m ascending, one rounding to T.
+//   ||d_k|| = sqrt(sum_m d_km^2),  unit_km = T(d_km / ||d_k||),  inv_norm_k = T(1 / ||d_k||)  (0 for a zero atom),
+//   G_ab = T(sum_m unit_am * unit_bm).
+template <typename T>
+LASERS_HD double atom_norm(const T* d_row, int64_t M) {
+  double nn = 0.0;
+  for (int64_t m = 0; m < M; ++m) nn = std::fma(double(d_row[m]), double(d_row[m]), nn);
+  return std::sqrt(nn);
+}
+
+// G_ab from the transposed unit atoms ut (M, K).
+template <typename T>
+LASERS_HD T gram_entry(const T* ut, int64_t K, int64_t M, int64_t a, int64_t b) {
+  double g = 0.0;
+  for (int64_t m = 0; m < M; ++m) g = std::fma(double(ut[m * K + a]), double(ut[m * K + b]), g);
+  return static_cast<T>(g);
 }
 
 // Read-only data shared by all vectors of one call (host backends).
@@ -96,17 +143,18 @@ struct HostScratch {
   T* alpha0;       // K
   T* alpha;        // K
   T* L;            // S * S
+  T* inv_diag;     // S
   T* y;            // S
   T* gamma;        // S
   T* neg_gamma;    // S
   const T** rows;  // max(M, S) row pointers
 
-  static int64_t values(int64_t K, int64_t S) { return 2 * K + S * S + 3 * S; }
+  static int64_t values(int64_t K, int64_t S) { return 2 * K + S * S + 4 * S; }
   static int64_t pointers(int64_t M, int64_t S) { return M > S ? M : S; }
   // Carves the scratch out of `values(K, S)` numbers and `pointers(M, S)` pointers.
   static HostScratch carve(T* v, const T** ptrs, int64_t K, int64_t S) {
-    return HostScratch{v, v + K, v + 2 * K, v + 2 * K + S * S, v + 2 * K + S * S + S, v + 2 * K + S * S + 2 * S,
-                       ptrs};
+    T* small = v + 2 * K + S * S;
+    return HostScratch{v, v + K, v + 2 * K, small, small + S, small + 2 * S, small + 3 * S, ptrs};
   }
 };
 
@@ -132,7 +180,7 @@ LASERS_HOST_INLINE T host_axpy_rows(T* out, const T* src, const T* const* rows, 
 #pragma omp simd reduction(max : best)
   for (int64_t k = 0; k < K; ++k) {
     T acc = src[k];
-    for (int r = 0; r < R; ++r) acc += cc[r] * rr[r][k];
+    for (int r = 0; r < R; ++r) acc = std::fma(cc[r], rr[r][k], acc);
     out[k] = acc;
     if (Max) {
       const T v = std::fabs(acc);
@@ -211,12 +259,16 @@ LASERS_HOST_INLINE int host_encode(const HostProblem<T>& p, const T* x, const Ho
                                    T* coef) {
   const int64_t K = p.K;
   const int S = p.S;
-  // alpha0 = D_n x as a combination of the rows of atoms_t (M, K).
-  T xx = T(0);
-  for (int64_t m = 0; m < p.M; ++m) {
-    xx += x[m] * x[m];
-    w.rows[m] = p.atoms_t + m * K;
+  const T xx = squared_norm(x, p.M);
+  if (!std::isfinite(xx)) {  // non-finite row: every slot unused (see the conventions above)
+    for (int t = 0; t < S; ++t) {
+      idx[t] = -1;
+      coef[t] = T(0);
+    }
+    return 0;
   }
+  // alpha0 = D_n x as a combination of the rows of atoms_t (M, K).
+  for (int64_t m = 0; m < p.M; ++m) w.rows[m] = p.atoms_t + m * K;
   T best = host_combine_rows<T>(w.alpha0, nullptr, w.rows, x, static_cast<int>(p.M), K);  // max |alpha|
   const T zero_level = p.th.corr_rel_sq * xx;
   T residual = xx;  // ||r||^2 = ||x||^2 - ||y||^2 with L y = alpha0_T
@@ -237,16 +289,16 @@ LASERS_HOST_INLINE int host_encode(const HostProblem<T>& p, const T* x, const Ho
 
     const T* gram_j = p.gram + j * K;
     auto gram_tj = [&](int r) { return gram_j[idx[r]]; };
-    if (!cholesky_append(w.L, S, s, gram_tj, gram_j[j], p.th.pivot_min)) break;
-    w.y[s] = forward_step(w.L, S, s, w.y, w.alpha0[j]);
-    residual -= w.y[s] * w.y[s];
+    if (!cholesky_append(w.L, S, s, gram_tj, gram_j[j], w.inv_diag, p.th.pivot_min)) break;
+    w.y[s] = forward_step(w.L, S, s, w.inv_diag, w.y, w.alpha0[j]);
+    residual = std::fma(-w.y[s], w.y[s], residual);
     idx[s] = j;
     if (s + 1 == S) {
       ++s;
       break;
     }
     // alpha = alpha0 - G_T gamma (rows of the symmetric G are its columns), and its largest magnitude.
-    back_solve(w.L, S, s + 1, w.y, w.gamma);
+    back_solve(w.L, S, s + 1, w.inv_diag, w.y, w.gamma);
     for (int t = 0; t <= s; ++t) {
       w.rows[t] = p.gram + idx[t] * K;
       w.neg_gamma[t] = -w.gamma[t];
@@ -255,7 +307,7 @@ LASERS_HOST_INLINE int host_encode(const HostProblem<T>& p, const T* x, const Ho
     alpha = w.alpha;
   }
   const int used = s;
-  back_solve(w.L, S, used, w.y, w.gamma);
+  back_solve(w.L, S, used, w.inv_diag, w.y, w.gamma);
   for (int t = 0; t < used; ++t) coef[t] = w.gamma[t] * p.inv_norm[idx[t]];
   for (int t = used; t < S; ++t) {
     idx[t] = -1;

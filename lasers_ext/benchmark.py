@@ -10,6 +10,9 @@ paper's shape (K=512 atoms, M=16, S=5) over several N. Anchors:
 * ``omp-gpu``: the published batched-PyTorch OMP package ``orthogonal-matching-pursuit-gpu`` (Lubonja et al. 2024,
   ``run_omp(alg="v0")``), when it is installed.
 
+On a GPU the CUDA op's other kernels are timed beside its default: ``cuda-general`` (the warp-per-vector kernel that
+takes every shape) and ``cuda-fast-v1`` (the fast path with one vector per warp; the paper's shape only).
+
 On the CPU, the slow implementations (anchors and the float64 reference) are timed on the first ``--slow-max-n``
 vectors only: their per-vector cost does not fall with N, so vectors/second stays comparable. On a GPU only sklearn
 (a CPU loop) is capped; the batched-PyTorch anchors get the full N, halved until it fits in GPU memory. Ratios are
@@ -54,6 +57,31 @@ def naive_torch_omp(x: torch.Tensor, unit: torch.Tensor, sparsity: int) -> tuple
     return support, gamma
 
 
+# The CUDA op's kernels besides its default (LASERS_CUDA_KERNEL=auto: the fast path where it applies).
+CUDA_VARIANTS = {
+    "cuda-general": {"LASERS_CUDA_KERNEL": "general"},  # the warp-per-vector kernel that takes every shape
+    "cuda-fast-v1": {"LASERS_CUDA_KERNEL": "fast", "LASERS_CUDA_FAST_V": "1"},  # fast path, one vector per warp
+}
+
+
+def _with_env(env: dict[str, str], fn: Callable[[], object]) -> Callable[[], object]:
+    """A thunk that runs ``fn`` with the environment variables ``env`` set (read by the CUDA op at each call)."""
+
+    def run():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    return run
+
+
 def _time(fn: Callable[[], object], repeats: int) -> float:
     """Best wall time of ``repeats`` runs after one warm-up (seconds)."""
     fn()
@@ -76,6 +104,14 @@ def _implementations(dictionary: torch.Tensor, sparsity: int, device: torch.devi
     for backend in available_backends(device):
         if wanted(backend):
             yield backend, lambda xs, b=backend: lambda: batch_omp(xs, dictionary, sparsity, backend=b)
+    if "cuda" in available_backends(device):
+        # the CUDA op's other builds, side by side with its default (see csrc/cuda/omp_cuda.cu)
+        k, m = dictionary.shape
+        paper_build = 256 < k <= 512 and m <= 32 and sparsity == 5 and dictionary.dtype == torch.float32
+        for name, env in CUDA_VARIANTS.items():
+            if wanted(name) and (name != "cuda-fast-v1" or paper_build):
+                yield name, lambda xs, env=env: _with_env(env, lambda: batch_omp(xs, dictionary, sparsity,
+                                                                                   backend="cuda"))
     if wanted("naive-torch"):
         yield "naive-torch", lambda xs: lambda: naive_torch_omp(xs, unit, sparsity)
     if wanted("omp-gpu"):

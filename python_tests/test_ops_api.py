@@ -212,3 +212,20 @@ def test_torch_export(gen, backend):
     x2 = torch.randn(16, 8, generator=gen)
     for got, want in zip(program.module()(x2, d), Coder()(x2, d)):
         torch.testing.assert_close(got, want)
+
+
+def test_raw_op_gives_non_finite_rows_unused_slots():
+    """The raw CPU op (the path torch.compile takes, where the Python NaN check is skipped): a row with a NaN or
+    infinite entry, or whose squared norm overflows, gets every slot unused (index -1, coefficient 0), the same on
+    every call; the other rows are coded as batch_omp codes them."""
+    g = torch.Generator().manual_seed(0)
+    x, d = torch.randn(40, 16, generator=g), torch.randn(64, 16, generator=g)
+    bad = x.clone()
+    bad[1, 3], bad[2, 0], bad[3] = float("nan"), float("inf"), 1e20
+    expected = lasers_ext.batch_omp(x, d, 5, backend="cpu")
+    for _ in range(3):
+        idx, coef = torch.ops.lasers_ext.batch_omp(bad, d, 5)
+        assert (idx[1:4] == -1).all() and (coef[1:4] == 0).all()
+        keep = torch.ones(40, dtype=torch.bool)
+        keep[1:4] = False
+        assert torch.equal(idx[keep], expected.indices[keep]) and torch.equal(coef[keep], expected.coeffs[keep])

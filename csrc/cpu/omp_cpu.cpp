@@ -43,6 +43,59 @@ LASERS_SIMD_CLONES void encode_range(const core::HostProblem<double>& p, const d
   encode_range_impl<double>(p, xs, idx, coef, begin, end);
 }
 
+// Gram rows [begin, end) from the transposed unit atoms ut (M, K): the fma chains of gram_entry (omp_core.h) for all b
+// of a row at once (m outer, b inner: the same per-entry order, vectorised). row is K doubles of scratch.
+template <typename T>
+LASERS_HOST_INLINE void gram_rows_impl(const T* ut, int64_t K, int64_t M, int64_t begin, int64_t end, double* row,
+                                       T* gram) {
+  for (int64_t a = begin; a < end; ++a) {
+    for (int64_t b = 0; b < K; ++b) row[b] = 0.0;
+    for (int64_t m = 0; m < M; ++m) {
+      const double u = ut[m * K + a];
+      const T* um = ut + m * K;
+#pragma omp simd
+      for (int64_t b = 0; b < K; ++b) row[b] = std::fma(u, double(um[b]), row[b]);
+    }
+    for (int64_t b = 0; b < K; ++b) gram[a * K + b] = static_cast<T>(row[b]);
+  }
+}
+
+LASERS_SIMD_CLONES void gram_rows(const float* ut, int64_t K, int64_t M, int64_t begin, int64_t end, double* row,
+                                  float* gram) {
+  gram_rows_impl(ut, K, M, begin, end, row, gram);
+}
+
+LASERS_SIMD_CLONES void gram_rows(const double* ut, int64_t K, int64_t M, int64_t begin, int64_t end, double* row,
+                                  double* gram) {
+  gram_rows_impl(ut, K, M, begin, end, row, gram);
+}
+
+// dictionary (K, M), float32 or float64, on the CPU. The preparation of omp_core.h (atom_norm, gram_entry): float64
+// fma chains in a fixed order, so every device (the CUDA kernel prepares its own copy the same way) and every BLAS or
+// TF32 setting gives the same matrices, and the CPU and CUDA kernels code against identical numbers.
+PreparedDictionary prepare_dictionary_cpu(const at::Tensor& dictionary) {
+  const at::Tensor d = dictionary.contiguous();
+  const int64_t K = d.size(0), M = d.size(1);
+  PreparedDictionary out{at::empty({M, K}, d.options()), at::empty({K, K}, d.options()), at::empty({K}, d.options())};
+  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "prepare_dictionary", [&] {
+    const scalar_t* src = d.const_data_ptr<scalar_t>();
+    scalar_t* ut = out.atoms_t.mutable_data_ptr<scalar_t>();
+    scalar_t* inv = out.inv_norm.mutable_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < K; ++k) {
+      const double norm = core::atom_norm(src + k * M, M);
+      inv[k] = norm > 0 ? static_cast<scalar_t>(1.0 / norm) : scalar_t(0);
+      for (int64_t m = 0; m < M; ++m)
+        ut[m * K + k] = norm > 0 ? static_cast<scalar_t>(double(src[k * M + m]) / norm) : scalar_t(0);
+    }
+    scalar_t* gram = out.gram.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, K, 16, [&](int64_t begin, int64_t end) {
+      std::vector<double> row(K);
+      gram_rows(ut, K, M, begin, end, row.data(), gram);
+    });
+  });
+  return out;
+}
+
 template <typename T>
 void batch_omp_cpu_impl(const at::Tensor& x, const at::Tensor& atoms_t, const at::Tensor& gram,
                         const at::Tensor& inv_norm, int64_t sparsity, double tol, at::Tensor& indices,
@@ -80,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> batch_omp_cpu(const at::Tensor& x, const at::
   if (N == 0) return {indices, coeffs};
 
   const at::Tensor xc = x.contiguous();
-  const PreparedDictionary d = prepare_dictionary(dictionary);
+  const PreparedDictionary d = prepare_dictionary_cpu(dictionary);
   const double tol_value = tol.has_value() ? *tol : -1.0;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_omp_cpu", [&] {

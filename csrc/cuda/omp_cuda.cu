@@ -1,4 +1,5 @@
-// CUDA Batch-OMP kernel: one warp per latent vector, one launch per call.
+// CUDA Batch-OMP, general kernel: one warp per latent vector, one launch per call. It takes every shape and float64;
+// float32 calls with K <= 1024, M <= 32 and S <= 8 go to the faster kernel of omp_cuda_fast.cu instead.
 //
 // Per-vector state lives on chip: the initial correlations alpha0 (K) and the signal (M) in the warp's slice of
 // shared memory, the Cholesky factor L (S x S), y, gamma and the support beside them. The lanes split the K atoms
@@ -8,7 +9,8 @@
 // solve) run on lane 0 with the __host__ __device__ helpers of omp_core.h, the very code the CPU kernel runs; the
 // K-wide loops use the CPU kernel's accumulation order (fused multiply-adds over m, then over the support), so
 // supports match the CPU kernel and coefficients agree to rounding. No N x K intermediate touches global memory;
-// the dictionary (M x K) and the Gram matrix (K x K) are read through the L1/L2 caches.
+// the dictionary (M x K) and the Gram matrix (K x K) are read through the L1/L2 caches. The dictionary is prepared on
+// the GPU in the order of omp_core.h, so the CPU kernel and both CUDA kernels code against identical numbers.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,11 +18,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "../kernel_common.h"
 #include "../omp_core.h"
+#include "omp_cuda_fast.h"
 
 namespace lasers {
 
@@ -47,7 +52,7 @@ struct DeviceProblem {
 // Shared-memory slice of one warp, in units of T (support indices are stored as T-sized ints at the end).
 template <typename T>
 __host__ __device__ inline size_t warp_slice_values(int K, int M, int S) {
-  const size_t values = static_cast<size_t>(K) + M + S * S + 2 * S;
+  const size_t values = static_cast<size_t>(K) + M + S * S + 3 * S;
   const size_t int_slots = (S * sizeof(int) + sizeof(T) - 1) / sizeof(T);
   return values + int_slots;
 }
@@ -83,7 +88,8 @@ __global__ void batch_omp_kernel(const DeviceProblem<T> p) {
   T* alpha0 = slice;        // K
   T* xs = alpha0 + K;       // M
   T* L = xs + M;            // S * S
-  T* y = L + S * S;         // S
+  T* inv_diag = L + S * S;  // S
+  T* y = inv_diag + S;      // S
   T* gamma = y + S;         // S
   int* support = reinterpret_cast<int*>(gamma + S);  // S
 
@@ -95,10 +101,10 @@ __global__ void batch_omp_kernel(const DeviceProblem<T> p) {
   __syncwarp();
 
   // ||x||^2 in the CPU kernel's order (every lane, same value); alpha0 and its largest magnitude.
-  T xx = T(0);
-  for (int m = 0; m < M; ++m) xx += xs[m] * xs[m];
-  T best = T(-1);
-  int best_k = K;
+  const T xx = core::squared_norm(xs, M);
+  // Every lane starts from a valid atom at magnitude 0, so NaN correlations can never leave an index out of range.
+  T best = T(0);
+  int best_k = lane < K ? lane : 0;
   for (int k = lane; k < K; k += kWarp) {
     T acc = T(0);
     for (int m = 0; m < M; ++m) acc = fma(xs[m], p.atoms_t[static_cast<int64_t>(m) * K + k], acc);
@@ -114,7 +120,8 @@ __global__ void batch_omp_kernel(const DeviceProblem<T> p) {
   const T zero_level = p.th.corr_rel_sq * xx;
   T residual = xx;  // ||r||^2 = ||x||^2 - ||y||^2, kept identical on every lane
   int s = 0;
-  for (; s < S; ++s) {
+  const bool finite = isfinite(xx);  // a non-finite row gets every slot unused (omp_core.h)
+  for (; finite && s < S; ++s) {
     if (residual <= p.tol || best * best <= zero_level) break;
     const int j = best_k;
     const T* gram_j = p.gram + static_cast<int64_t>(j) * K;
@@ -123,26 +130,26 @@ __global__ void batch_omp_kernel(const DeviceProblem<T> p) {
     __syncwarp();  // alpha0, support and gamma reads of all lanes happen before lane 0 writes
     if (lane == 0) {
       auto gram_tj = [&](int r) { return gram_j[support[r]]; };
-      ok = core::cholesky_append(L, S, s, gram_tj, gram_j[j], p.th.pivot_min);
+      ok = core::cholesky_append(L, S, s, gram_tj, gram_j[j], inv_diag, p.th.pivot_min);
       if (ok) {
-        y_s = core::forward_step(L, S, s, y, alpha0[j]);
+        y_s = core::forward_step(L, S, s, inv_diag, y, alpha0[j]);
         y[s] = y_s;
         support[s] = j;
-        if (s + 1 < S) core::back_solve(L, S, s + 1, y, gamma);
+        if (s + 1 < S) core::back_solve(L, S, s + 1, inv_diag, y, gamma);
       }
     }
     ok = __shfl_sync(0xffffffffu, ok, 0);
     if (!ok) break;
     y_s = __shfl_sync(0xffffffffu, y_s, 0);
-    residual -= y_s * y_s;
+    residual = fma(-y_s, y_s, residual);
     __syncwarp();
     if (s + 1 == S) {
       ++s;
       break;
     }
     // alpha = alpha0 - G_T gamma over the atoms not chosen yet, and its argmax.
-    best = T(-1);
-    best_k = K;
+    best = T(0);
+    best_k = lane < K ? lane : 0;
     for (int k = lane; k < K; k += kWarp) {
       if (in_support(support, s + 1, k)) continue;
       T acc = alpha0[k];
@@ -158,13 +165,51 @@ __global__ void batch_omp_kernel(const DeviceProblem<T> p) {
 
   const int used = s;
   __syncwarp();
-  if (lane == 0) core::back_solve(L, S, used, y, gamma);
+  if (lane == 0) core::back_solve(L, S, used, inv_diag, y, gamma);
   __syncwarp();
   for (int t = lane; t < S; t += kWarp) {
     const bool valid = t < used;
     p.idx[n * S + t] = valid ? support[t] : -1;
     p.coef[n * S + t] = valid ? gamma[t] * p.inv_norm[support[t]] : T(0);
   }
+}
+
+// The preparation of omp_core.h (atom_norm, gram_entry) on the GPU: one thread per atom, then one per Gram entry.
+template <typename T>
+__global__ void prepare_atoms_kernel(const T* __restrict__ d, int64_t K, int64_t M, T* __restrict__ ut,
+                                     T* __restrict__ inv_norm) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= K) return;
+  const double norm = core::atom_norm(d + k * M, M);
+  inv_norm[k] = norm > 0 ? static_cast<T>(1.0 / norm) : T(0);
+  for (int64_t m = 0; m < M; ++m) ut[m * K + k] = norm > 0 ? static_cast<T>(double(d[k * M + m]) / norm) : T(0);
+}
+
+template <typename T>
+__global__ void gram_kernel(const T* __restrict__ ut, int64_t K, int64_t M, T* __restrict__ gram) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t a = blockIdx.y;
+  if (b < K) gram[a * K + b] = core::gram_entry(ut, K, M, a, b);
+}
+
+PreparedDictionary prepare_dictionary_cuda(const at::Tensor& dictionary) {
+  const at::Tensor d = dictionary.contiguous();
+  const int64_t K = d.size(0), M = d.size(1);
+  PreparedDictionary out{at::empty({M, K}, d.options()), at::empty({K, K}, d.options()), at::empty({K}, d.options())};
+  TORCH_CHECK(K <= 65535, "batch_omp (CUDA): K=", K, " atoms is above the kernel's limit of 65535");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int threads = 256;
+  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "prepare_dictionary_cuda", [&] {
+    const unsigned blocks = static_cast<unsigned>((K + threads - 1) / threads);
+    prepare_atoms_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+        d.const_data_ptr<scalar_t>(), K, M, out.atoms_t.mutable_data_ptr<scalar_t>(),
+        out.inv_norm.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gram_kernel<scalar_t><<<dim3(blocks, static_cast<unsigned>(K)), threads, 0, stream>>>(
+        out.atoms_t.const_data_ptr<scalar_t>(), K, M, out.gram.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
 }
 
 template <typename T>
@@ -203,6 +248,35 @@ void launch(const at::Tensor& x, const at::Tensor& atoms_t, const at::Tensor& gr
 
 }  // namespace
 
+// Which CUDA kernel codes a call: the environment variable LASERS_CUDA_KERNEL = auto (default: the fast path where
+// it takes the shape, else the general kernel), general, or fast (an error where the fast path does not apply).
+// LASERS_CUDA_FAST_V=1 selects the fast path's one-vector-per-warp build at the paper's shape (for measurements).
+// Both kernels give the same codes; the variables exist to compare them.
+enum class KernelChoice { kAuto, kGeneral, kFast };
+
+KernelChoice kernel_choice() {
+  const char* v = std::getenv("LASERS_CUDA_KERNEL");
+  const std::string choice = v ? v : "auto";
+  if (choice == "auto" || choice.empty()) return KernelChoice::kAuto;
+  if (choice == "general") return KernelChoice::kGeneral;
+  if (choice == "fast") return KernelChoice::kFast;
+  TORCH_CHECK(false, "LASERS_CUDA_KERNEL must be auto, general or fast, not '", choice, "'");
+}
+
+int fast_vectors_per_warp() {
+  const char* v = std::getenv("LASERS_CUDA_FAST_V");
+  return v && std::string(v) == "1" ? 1 : 0;
+}
+
+// The fast path's zero-padded copy of a prepared dictionary: Kp atoms, the extra ones zero (never chosen).
+PreparedDictionary padded(const PreparedDictionary& d, int64_t Kp) {
+  const int64_t extra = Kp - d.atoms_t.size(1);
+  if (extra == 0) return d;
+  return PreparedDictionary{at::constant_pad_nd(d.atoms_t, {0, extra}).contiguous(),
+                            at::constant_pad_nd(d.gram, {0, extra, 0, extra}).contiguous(),
+                            at::constant_pad_nd(d.inv_norm, {0, extra}).contiguous()};
+}
+
 // x (N, M) and dictionary (K, M), float32 or float64, same dtype, same CUDA device. Returns indices (N, S) int64 and
 // coeffs (N, S) in x's dtype. Nothing here synchronises with the host.
 std::tuple<at::Tensor, at::Tensor> batch_omp_cuda(const at::Tensor& x, const at::Tensor& dictionary,
@@ -217,9 +291,20 @@ std::tuple<at::Tensor, at::Tensor> batch_omp_cuda(const at::Tensor& x, const at:
   if (N == 0) return {indices, coeffs};
 
   const at::Tensor xc = x.contiguous();
-  const PreparedDictionary d = prepare_dictionary(dictionary);
+  const PreparedDictionary d = prepare_dictionary_cuda(dictionary);
   const double tol_value = tol.has_value() ? *tol : -1.0;
 
+  const KernelChoice choice = kernel_choice();
+  const int Kp = fast_padded_atoms(dictionary.size(0), x.size(1), sparsity, x.scalar_type());
+  TORCH_CHECK(choice != KernelChoice::kFast || Kp > 0, "batch_omp (CUDA): LASERS_CUDA_KERNEL=fast, but the fast path ",
+              "takes only float32 with K <= 1024, M <= 32, S <= 8 and an (M, K) dictionary that fits in shared memory (got ", x.scalar_type(), ", K=",
+              dictionary.size(0), ", M=", x.size(1), ", S=", sparsity, ")");
+  if (Kp > 0 && choice != KernelChoice::kGeneral) {
+    const PreparedDictionary p = padded(d, Kp);
+    batch_omp_cuda_fast(xc, p.atoms_t, p.gram, p.inv_norm, sparsity, tol_value, indices, coeffs,
+                        fast_vectors_per_warp());
+    return {indices, coeffs};
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_omp_cuda", [&] {
     launch<scalar_t>(xc, d.atoms_t, d.gram, d.inv_norm, sparsity, tol_value, indices, coeffs);
   });
