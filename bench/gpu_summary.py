@@ -41,7 +41,7 @@ def ncu_metrics(path: Path) -> dict[str, float]:
     header = rows[0]
     name_col = header.index("Kernel Name") if "Kernel Name" in header else None
     for row in rows[2:]:  # row 1 holds the units
-        if len(row) == len(header) and (name_col is None or "fast" in row[name_col]):
+        if len(row) == len(header) and (name_col is None or "kernel<" in row[name_col]):
             return {h: v for h, v in ((h, _number(c)) for h, c in zip(header, row)) if v is not None}
     return {}
 

@@ -265,15 +265,33 @@ LASERS_UNROLL
     for (int v = 0; v < V; ++v) any_live = any_live || live[v];
     if (!any_live) break;
 
+    // The new atoms' Gram rows, loaded now so that their latency overlaps the S x S steps (unused if a vector stops).
+    if (s + 1 < S) {
+LASERS_UNROLL
+      for (int v = 0; v < V; ++v) {
+        const float* row = p.gram + static_cast<int64_t>(j[v]) * p.Kp;
+        for (int slot = 0; slot < W::kSlots; ++slot) {
+          st[slot].row_ptr[v][s < R ? s : 0] = row;
+          if constexpr (LaneState<KB, S, V>::kCacheRows) {
+LASERS_UNROLL
+            for (int i = 0; i < KB; ++i)
+              w.load4_global(row + kBlockAtoms * i + 4 * w.lane(slot), &st[slot].rows[v][s < R ? s : 0][4 * i]);
+          }
+        }
+      }
+    }
+
     // S x S steps: vector v on lane v.
     w.template per_vector<V>([&](int v) {
       ex.ok[v] = 0;
       if (!pick(live, v)) return;
       const int jv = pick(j, v);
-      const float* gram_j = p.gram + static_cast<int64_t>(jv) * p.Kp;
       const int* support = ex.support[v];
-      auto gram_tj = [&](int r) { return gram_j[support[r]]; };
-      if (!core::cholesky_append(ex.L[v], S, s, gram_tj, gram_j[jv], ex.inv_diag[v], p.th.pivot_min)) return;
+      // G[I_r, j] from the rows of the chosen atoms, which this warp has just read (likely L1 hits), rather than from
+      // row j; the same numbers, as G is exactly symmetric (omp_core.h's gram_entry).
+      auto gram_tj = [&](int r) { return p.gram[static_cast<int64_t>(support[r]) * p.Kp + jv]; };
+      const float g_jj = p.gram[static_cast<int64_t>(jv) * p.Kp + jv];
+      if (!core::cholesky_append(ex.L[v], S, s, gram_tj, g_jj, ex.inv_diag[v], p.th.pivot_min)) return;
       float alpha0_j = 0.0f;  // recomputed in alpha0's own fma chain (bit-identical), not fetched from its lane
       for (int m = 0; m < M; ++m) alpha0_j = std::fma(ex.xs[v][m], p.dt[static_cast<int64_t>(m) * p.Kp + jv], alpha0_j);
       ex.y[v][s] = core::forward_step(ex.L[v], S, s, ex.inv_diag[v], ex.y[v], alpha0_j);
@@ -298,19 +316,9 @@ LASERS_UNROLL
 
     // alpha = alpha0 - G_T gamma with the new atom's Gram row, and the next argmax.
 LASERS_UNROLL
-    for (int v = 0; v < V; ++v) {
+    for (int v = 0; v < V; ++v)
 LASERS_UNROLL
       for (int t = 0; t < R; ++t) neg_gamma[v][t] = live[v] && t <= s ? -ex.gamma[v][t] : 0.0f;
-      const float* row = p.gram + static_cast<int64_t>(j[v]) * p.Kp;
-      for (int slot = 0; slot < W::kSlots; ++slot) {
-        st[slot].row_ptr[v][s < R ? s : 0] = row;
-        if constexpr (LaneState<KB, S, V>::kCacheRows) {
-LASERS_UNROLL
-          for (int i = 0; i < KB; ++i)
-            w.load4_global(row + kBlockAtoms * i + 4 * w.lane(slot), &st[slot].rows[v][s < R ? s : 0][4 * i]);
-        }
-      }
-    }
     for (int slot = 0; slot < W::kSlots; ++slot)
 LASERS_UNROLL
       for (int v = 0; v < V; ++v)

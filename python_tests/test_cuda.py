@@ -234,7 +234,17 @@ def test_non_finite_rows_get_unused_slots(gen, monkeypatch, kernel_name):
         assert (idx.cpu()[:5] == cpu_idx[:5]).all(1).float().mean() >= 0.99
 
 
+def test_cuda_op_raises_clear_errors(gen):
+    """Argument errors of the raw CUDA op are exceptions (raised by the op's host code before any launch)."""
+    x, d = random_problem(gen, 10, 16, 64)
+    with pytest.raises(RuntimeError, match="sparsity"):
+        torch.ops.lasers_ext.batch_omp(x.cuda(), d.cuda(), 17)
+    with pytest.raises(RuntimeError, match="disagree on M"):
+        torch.ops.lasers_ext.batch_omp(x.cuda(), d[:, :8].cuda(), 2)
+
+
 def test_fast_path_refuses_shapes_it_does_not_take(gen, fast):
     x, d = random_problem(gen, 10, 64, 512)
     with pytest.raises(RuntimeError, match="fast path takes only"):
         batch_omp(x.cuda(), d.cuda(), 5, backend="cuda")
+

@@ -15,17 +15,12 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <optional>
-#include <string>
-#include <tuple>
 
 #include "../kernel_common.h"
 #include "../omp_core.h"
-#include "omp_cuda_fast.h"
+#include "kernels.h"
 
 namespace lasers {
 
@@ -33,7 +28,6 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kMaxWarpsPerBlock = 8;
-constexpr size_t kSharedBudget = 96 * 1024;  // bytes of dynamic shared memory a block may use (opt-in above 48 KiB)
 
 template <typename T>
 struct DeviceProblem {
@@ -192,26 +186,6 @@ __global__ void gram_kernel(const T* __restrict__ ut, int64_t K, int64_t M, T* _
   if (b < K) gram[a * K + b] = core::gram_entry(ut, K, M, a, b);
 }
 
-PreparedDictionary prepare_dictionary_cuda(const at::Tensor& dictionary) {
-  const at::Tensor d = dictionary.contiguous();
-  const int64_t K = d.size(0), M = d.size(1);
-  PreparedDictionary out{at::empty({M, K}, d.options()), at::empty({K, K}, d.options()), at::empty({K}, d.options())};
-  TORCH_CHECK(K <= 65535, "batch_omp (CUDA): K=", K, " atoms is above the kernel's limit of 65535");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  constexpr int threads = 256;
-  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "prepare_dictionary_cuda", [&] {
-    const unsigned blocks = static_cast<unsigned>((K + threads - 1) / threads);
-    prepare_atoms_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        d.const_data_ptr<scalar_t>(), K, M, out.atoms_t.mutable_data_ptr<scalar_t>(),
-        out.inv_norm.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    gram_kernel<scalar_t><<<dim3(blocks, static_cast<unsigned>(K)), threads, 0, stream>>>(
-        out.atoms_t.const_data_ptr<scalar_t>(), K, M, out.gram.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
-}
-
 template <typename T>
 void launch(const at::Tensor& x, const at::Tensor& atoms_t, const at::Tensor& gram, const at::Tensor& inv_norm,
             int64_t sparsity, double tol, at::Tensor& indices, at::Tensor& coeffs) {
@@ -229,11 +203,8 @@ void launch(const at::Tensor& x, const at::Tensor& atoms_t, const at::Tensor& gr
   p.tol = static_cast<T>(tol);
   p.th = core::default_thresholds<T>();
 
-  const size_t per_warp = warp_slice_values<T>(p.K, p.M, p.S) * sizeof(T);
-  TORCH_CHECK(per_warp <= kSharedBudget, "batch_omp (CUDA): K=", p.K, ", M=", p.M, ", S=", p.S,
-              " need ", per_warp, " bytes of shared memory per vector, more than the kernel's budget of ",
-              kSharedBudget, " (use backend='triton' or 'reference' for such shapes)");
-  const int warps = static_cast<int>(std::min<size_t>(kMaxWarpsPerBlock, kSharedBudget / per_warp));
+  const size_t per_warp = warp_slice_values<T>(p.K, p.M, p.S) * sizeof(T);  // <= the budget (checked by the op)
+  const int warps = static_cast<int>(std::min<size_t>(kMaxWarpsPerBlock, kGeneralSharedBudget / per_warp));
   const size_t shared = per_warp * warps;
   if (shared > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(batch_omp_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -248,69 +219,35 @@ void launch(const at::Tensor& x, const at::Tensor& atoms_t, const at::Tensor& gr
 
 }  // namespace
 
-// Which CUDA kernel codes a call: the environment variable LASERS_CUDA_KERNEL = auto (default: the fast path where
-// it takes the shape, else the general kernel), general, or fast (an error where the fast path does not apply).
-// LASERS_CUDA_FAST_V=1 selects the fast path's one-vector-per-warp build at the paper's shape (for measurements).
-// Both kernels give the same codes; the variables exist to compare them.
-enum class KernelChoice { kAuto, kGeneral, kFast };
-
-KernelChoice kernel_choice() {
-  const char* v = std::getenv("LASERS_CUDA_KERNEL");
-  const std::string choice = v ? v : "auto";
-  if (choice == "auto" || choice.empty()) return KernelChoice::kAuto;
-  if (choice == "general") return KernelChoice::kGeneral;
-  if (choice == "fast") return KernelChoice::kFast;
-  TORCH_CHECK(false, "LASERS_CUDA_KERNEL must be auto, general or fast, not '", choice, "'");
-}
-
-int fast_vectors_per_warp() {
-  const char* v = std::getenv("LASERS_CUDA_FAST_V");
-  return v && std::string(v) == "1" ? 1 : 0;
-}
-
-// The fast path's zero-padded copy of a prepared dictionary: Kp atoms, the extra ones zero (never chosen).
-PreparedDictionary padded(const PreparedDictionary& d, int64_t Kp) {
-  const int64_t extra = Kp - d.atoms_t.size(1);
-  if (extra == 0) return d;
-  return PreparedDictionary{at::constant_pad_nd(d.atoms_t, {0, extra}).contiguous(),
-                            at::constant_pad_nd(d.gram, {0, extra, 0, extra}).contiguous(),
-                            at::constant_pad_nd(d.inv_norm, {0, extra}).contiguous()};
-}
-
-// x (N, M) and dictionary (K, M), float32 or float64, same dtype, same CUDA device. Returns indices (N, S) int64 and
-// coeffs (N, S) in x's dtype. Nothing here synchronises with the host.
-std::tuple<at::Tensor, at::Tensor> batch_omp_cuda(const at::Tensor& x, const at::Tensor& dictionary,
-                                                  int64_t sparsity, std::optional<double> tol) {
-  check_kernel_arguments(x, dictionary, sparsity, "CUDA");
-  TORCH_CHECK(x.is_cuda(), "batch_omp: expected CUDA tensors");
-
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t N = x.size(0);
-  auto indices = at::empty({N, sparsity}, x.options().dtype(at::kLong));
-  auto coeffs = at::empty({N, sparsity}, x.options());
-  if (N == 0) return {indices, coeffs};
-
-  const at::Tensor xc = x.contiguous();
-  const PreparedDictionary d = prepare_dictionary_cuda(dictionary);
-  const double tol_value = tol.has_value() ? *tol : -1.0;
-
-  const KernelChoice choice = kernel_choice();
-  const int Kp = fast_padded_atoms(dictionary.size(0), x.size(1), sparsity, x.scalar_type());
-  TORCH_CHECK(choice != KernelChoice::kFast || Kp > 0, "batch_omp (CUDA): LASERS_CUDA_KERNEL=fast, but the fast path ",
-              "takes only float32 with K <= 1024, M <= 32, S <= 8 and an (M, K) dictionary that fits in shared memory (got ", x.scalar_type(), ", K=",
-              dictionary.size(0), ", M=", x.size(1), ", S=", sparsity, ")");
-  if (Kp > 0 && choice != KernelChoice::kGeneral) {
-    const PreparedDictionary p = padded(d, Kp);
-    batch_omp_cuda_fast(xc, p.atoms_t, p.gram, p.inv_norm, sparsity, tol_value, indices, coeffs,
-                        fast_vectors_per_warp());
-    return {indices, coeffs};
-  }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_omp_cuda", [&] {
-    launch<scalar_t>(xc, d.atoms_t, d.gram, d.inv_norm, sparsity, tol_value, indices, coeffs);
+PreparedDictionary prepare_dictionary_cuda(const at::Tensor& dictionary) {
+  const at::Tensor d = dictionary.contiguous();
+  const int64_t K = d.size(0), M = d.size(1);
+  PreparedDictionary out{at::empty({M, K}, d.options()), at::empty({K, K}, d.options()), at::empty({K}, d.options())};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int threads = 256;
+  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "prepare_dictionary_cuda", [&] {
+    const unsigned blocks = static_cast<unsigned>((K + threads - 1) / threads);
+    prepare_atoms_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+        d.const_data_ptr<scalar_t>(), K, M, out.atoms_t.mutable_data_ptr<scalar_t>(),
+        out.inv_norm.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gram_kernel<scalar_t><<<dim3(blocks, static_cast<unsigned>(K)), threads, 0, stream>>>(
+        out.atoms_t.const_data_ptr<scalar_t>(), K, M, out.gram.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {indices, coeffs};
+  return out;
 }
 
-TORCH_LIBRARY_IMPL(lasers_ext, CUDA, m) { m.impl("batch_omp", &batch_omp_cuda); }
+size_t general_shared_bytes(int64_t K, int64_t M, int64_t S, at::ScalarType dtype) {
+  return dtype == at::kDouble ? warp_slice_values<double>(K, M, S) * sizeof(double)
+                              : warp_slice_values<float>(K, M, S) * sizeof(float);
+}
+
+void batch_omp_cuda_general(const at::Tensor& x, const PreparedDictionary& d, int64_t sparsity, double tol,
+                            at::Tensor& indices, at::Tensor& coeffs) {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_omp_cuda", [&] {
+    launch<scalar_t>(x, d.atoms_t, d.gram, d.inv_norm, sparsity, tol, indices, coeffs);
+  });
+}
 
 }  // namespace lasers

@@ -7,7 +7,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include "../omp_warp.h"
-#include "omp_cuda_fast.h"
+#include "kernels.h"
 
 namespace lasers {
 namespace fast {
