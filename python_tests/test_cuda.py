@@ -241,6 +241,9 @@ def test_cuda_op_raises_clear_errors(gen):
         torch.ops.lasers_ext.batch_omp(x.cuda(), d.cuda(), 17)
     with pytest.raises(RuntimeError, match="disagree on M"):
         torch.ops.lasers_ext.batch_omp(x.cuda(), d[:, :8].cuda(), 2)
+    big = torch.randn(30000, 16, generator=gen)  # the general kernel's per-vector state would not fit
+    with pytest.raises(RuntimeError, match="bytes of shared memory per vector"):
+        torch.ops.lasers_ext.batch_omp(x.cuda(), big.cuda(), 5)
 
 
 def test_fast_path_refuses_shapes_it_does_not_take(gen, fast):

@@ -26,8 +26,8 @@ void batch_omp_cuda_general(const at::Tensor& x, const PreparedDictionary& d, in
                             at::Tensor& indices, at::Tensor& coeffs);
 
 // Kp (128, 256, 512 or 1024) the fast path pads K atoms to, or 0 when it does not take this shape and dtype or the
-// current GPU's shared memory cannot hold the (M, Kp) dictionary.
-int fast_padded_atoms(int64_t K, int64_t M, int64_t S, at::ScalarType dtype);
+// shared memory of GPU `device` cannot hold the (M, Kp) dictionary.
+int fast_padded_atoms(int64_t K, int64_t M, int64_t S, at::ScalarType dtype, int device);
 
 // Codes x (N, M) float32 with atoms_t (M, Kp), gram (Kp, Kp) and inv_norm (Kp), zero-padded to Kp atoms, into
 // indices (N, S) int64 and coeffs (N, S) float32. vectors_per_warp = 1 selects the one-vector-per-warp build where

@@ -20,14 +20,13 @@ extern template void launch_fast_s<4>(const warp::Problem&, int, int);
 extern template void launch_fast_s<8>(const warp::Problem&, int, int);
 }  // namespace fast
 
-int fast_padded_atoms(int64_t K, int64_t M, int64_t S, at::ScalarType dtype) {
+int fast_padded_atoms(int64_t K, int64_t M, int64_t S, at::ScalarType dtype, int device) {
   if (dtype != at::kFloat || M > warp::kMaxM || S > warp::kMaxS) return 0;
   int kp = warp::kBlockAtoms;
   while (kp < K) kp *= 2;
   if (kp > warp::kMaxKB * warp::kBlockAtoms) return 0;
   // A block holds the (M, Kp) dictionary and its warps' exchange areas (a few KB): the GPU's shared memory must too.
-  int device = 0, optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   return M * kp * static_cast<int64_t>(sizeof(float)) + 16 * 1024 <= optin ? kp : 0;
 }

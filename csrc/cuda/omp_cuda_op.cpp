@@ -46,16 +46,27 @@ PreparedDictionary padded(const PreparedDictionary& d, int64_t Kp) {
                             at::constant_pad_nd(d.inv_norm, {0, extra}).contiguous()};
 }
 
-// x (N, M) and dictionary (K, M), float32 or float64, same dtype, same CUDA device. Returns indices (N, S) int64 and
-// coeffs (N, S) in x's dtype. Nothing here synchronises with the host.
 }  // namespace
 
+// x (N, M) and dictionary (K, M), float32 or float64, same dtype, same CUDA device. Returns indices (N, S) int64 and
+// coeffs (N, S) in x's dtype. Nothing here synchronises with the host.
 std::tuple<at::Tensor, at::Tensor> batch_omp_cuda(const at::Tensor& x, const at::Tensor& dictionary,
                                                   int64_t sparsity, std::optional<double> tol) {
   check_kernel_arguments(x, dictionary, sparsity, "CUDA");
   TORCH_CHECK(x.is_cuda(), "batch_omp: expected CUDA tensors");
   TORCH_CHECK(dictionary.size(0) <= 65535, "batch_omp (CUDA): K=", dictionary.size(0),
               " atoms is above the CUDA kernels' limit of 65535");
+  const KernelChoice choice = kernel_choice();
+  const int Kp = fast_padded_atoms(dictionary.size(0), x.size(1), sparsity, x.scalar_type(), x.device().index());
+  TORCH_CHECK(choice != KernelChoice::kFast || Kp > 0, "batch_omp (CUDA): LASERS_CUDA_KERNEL=fast, but the fast path ",
+              "takes only float32 with K <= 1024, M <= 32, S <= 8 and an (M, K) dictionary that fits in shared ",
+              "memory (got ", c10::toString(x.scalar_type()), ", K=", dictionary.size(0), ", M=", x.size(1), ", S=",
+              sparsity, ")");
+  const bool fast = Kp > 0 && choice != KernelChoice::kGeneral;
+  const size_t per_vector = general_shared_bytes(dictionary.size(0), x.size(1), sparsity, x.scalar_type());
+  TORCH_CHECK(fast || per_vector <= kGeneralSharedBudget, "batch_omp (CUDA): K=", dictionary.size(0), ", M=",
+              x.size(1), ", S=", sparsity, " need ", per_vector, " bytes of shared memory per vector, more than the ",
+              "kernel's budget of ", kGeneralSharedBudget, " (use backend='triton' or 'reference' for such shapes)");
 
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0);
@@ -67,21 +78,12 @@ std::tuple<at::Tensor, at::Tensor> batch_omp_cuda(const at::Tensor& x, const at:
   const PreparedDictionary d = prepare_dictionary_cuda(dictionary);
   const double tol_value = tol.has_value() ? *tol : -1.0;
 
-  const KernelChoice choice = kernel_choice();
-  const int Kp = fast_padded_atoms(dictionary.size(0), x.size(1), sparsity, x.scalar_type());
-  TORCH_CHECK(choice != KernelChoice::kFast || Kp > 0, "batch_omp (CUDA): LASERS_CUDA_KERNEL=fast, but the fast path ",
-              "takes only float32 with K <= 1024, M <= 32, S <= 8 and an (M, K) dictionary that fits in shared ",
-              "memory (got ", x.scalar_type(), ", K=", dictionary.size(0), ", M=", x.size(1), ", S=", sparsity, ")");
-  if (Kp > 0 && choice != KernelChoice::kGeneral) {
+  if (fast) {
     const PreparedDictionary p = padded(d, Kp);
     batch_omp_cuda_fast(xc, p.atoms_t, p.gram, p.inv_norm, sparsity, tol_value, indices, coeffs,
                         fast_vectors_per_warp());
     return {indices, coeffs};
   }
-  const size_t per_vector = general_shared_bytes(dictionary.size(0), x.size(1), sparsity, x.scalar_type());
-  TORCH_CHECK(per_vector <= kGeneralSharedBudget, "batch_omp (CUDA): K=", dictionary.size(0), ", M=", x.size(1),
-              ", S=", sparsity, " need ", per_vector, " bytes of shared memory per vector, more than the kernel's ",
-              "budget of ", kGeneralSharedBudget, " (use backend='triton' or 'reference' for such shapes)");
   batch_omp_cuda_general(xc, d, sparsity, tol_value, indices, coeffs);
   return {indices, coeffs};
 }
