@@ -1,8 +1,9 @@
 // Batch-OMP per latent vector (Rubinstein, Zibulevsky & Elad 2008; LASERS supplementary Algorithm 1).
 //
-// Torch-free on purpose: the C++ CPU kernel, the CUDA kernel and the standalone native test (ctest) all include
+// Torch-free on purpose: the C++ CPU kernel, the CUDA kernels and the standalone native tests (ctest) all include
 // this header. The small S x S pieces (Cholesky append, triangular solves) are __host__ __device__ so every backend
-// shares one definition of the numerics; the K-wide loops (correlation update, argmax) are written per backend.
+// shares one definition of the numerics; the K-wide loops (correlation update, argmax) are written per backend
+// (host_encode below; omp_warp.h for the CUDA fast path), all in the order of the contract below.
 //
 // Conventions shared by every backend (lasers_ext/ops.py documents them for users):
 //   * Atoms are the rows of the dictionary, normalised to unit length before coding; a zero atom is never chosen.

@@ -211,7 +211,7 @@ void launch(const at::Tensor& x, const at::Tensor& atoms_t, const at::Tensor& gr
                                         static_cast<int>(shared)));
   }
   const int64_t blocks = (p.N + warps - 1) / warps;
-  TORCH_CHECK(blocks <= 0x7fffffff, "batch_omp (CUDA): too many vectors in one call (", p.N, ")");
+  TORCH_CHECK(blocks <= 0x7fffffff, message("batch_omp (CUDA): too many vectors in one call (", p.N, ")"));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   batch_omp_kernel<T><<<static_cast<unsigned>(blocks), warps * kWarp, shared, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -52,7 +52,7 @@ void batch_omp_cuda_fast(const at::Tensor& x, const at::Tensor& atoms_t, const a
     case 2: return fast::launch_fast_s<2>(p, S, vectors_per_warp);
     case 4: return fast::launch_fast_s<4>(p, S, vectors_per_warp);
     case 8: return fast::launch_fast_s<8>(p, S, vectors_per_warp);
-    default: TORCH_CHECK(false, "batch_omp (CUDA fast path): padded K=", p.Kp, " is not 128, 256, 512 or 1024");
+    default: TORCH_CHECK(false, message("batch_omp (CUDA fast path): padded K=", p.Kp, " is not 128, 256, 512 or 1024"));
   }
 }
 

@@ -28,7 +28,7 @@ KernelChoice kernel_choice() {
   if (choice == "auto" || choice.empty()) return KernelChoice::kAuto;
   if (choice == "general") return KernelChoice::kGeneral;
   if (choice == "fast") return KernelChoice::kFast;
-  TORCH_CHECK(false, "LASERS_CUDA_KERNEL must be auto, general or fast, not '", choice, "'");
+  TORCH_CHECK(false, message("LASERS_CUDA_KERNEL must be auto, general or fast, not '", choice, "'"));
   return KernelChoice::kAuto;
 }
 
@@ -54,19 +54,21 @@ std::tuple<at::Tensor, at::Tensor> batch_omp_cuda(const at::Tensor& x, const at:
                                                   int64_t sparsity, std::optional<double> tol) {
   check_kernel_arguments(x, dictionary, sparsity, "CUDA");
   TORCH_CHECK(x.is_cuda(), "batch_omp: expected CUDA tensors");
-  TORCH_CHECK(dictionary.size(0) <= 65535, "batch_omp (CUDA): K=", dictionary.size(0),
-              " atoms is above the CUDA kernels' limit of 65535");
+  TORCH_CHECK(dictionary.size(0) <= 65535, message("batch_omp (CUDA): K=", dictionary.size(0),
+                                                   " atoms is above the CUDA kernels' limit of 65535"));
   const KernelChoice choice = kernel_choice();
   const int Kp = fast_padded_atoms(dictionary.size(0), x.size(1), sparsity, x.scalar_type(), x.device().index());
-  TORCH_CHECK(choice != KernelChoice::kFast || Kp > 0, "batch_omp (CUDA): LASERS_CUDA_KERNEL=fast, but the fast path ",
-              "takes only float32 with K <= 1024, M <= 32, S <= 8 and an (M, K) dictionary that fits in shared ",
-              "memory (got ", c10::toString(x.scalar_type()), ", K=", dictionary.size(0), ", M=", x.size(1), ", S=",
-              sparsity, ")");
+  TORCH_CHECK(choice != KernelChoice::kFast || Kp > 0,
+              message("batch_omp (CUDA): LASERS_CUDA_KERNEL=fast, but the fast path takes only float32 with ",
+                      "K <= 1024, M <= 32, S <= 8 and an (M, K) dictionary that fits in shared memory (got ",
+                      c10::toString(x.scalar_type()), ", K=", dictionary.size(0), ", M=", x.size(1), ", S=", sparsity,
+                      ")"));
   const bool fast = Kp > 0 && choice != KernelChoice::kGeneral;
   const size_t per_vector = general_shared_bytes(dictionary.size(0), x.size(1), sparsity, x.scalar_type());
-  TORCH_CHECK(fast || per_vector <= kGeneralSharedBudget, "batch_omp (CUDA): K=", dictionary.size(0), ", M=",
-              x.size(1), ", S=", sparsity, " need ", per_vector, " bytes of shared memory per vector, more than the ",
-              "kernel's budget of ", kGeneralSharedBudget, " (use backend='triton' or 'reference' for such shapes)");
+  TORCH_CHECK(fast || per_vector <= kGeneralSharedBudget,
+              message("batch_omp (CUDA): K=", dictionary.size(0), ", M=", x.size(1), ", S=", sparsity, " need ",
+                      per_vector, " bytes of shared memory per vector, more than the kernel's budget of ",
+                      kGeneralSharedBudget, " (use backend='triton' or 'reference' for such shapes)"));
 
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0);

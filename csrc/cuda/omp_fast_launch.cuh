@@ -8,6 +8,7 @@
 
 #include <algorithm>
 
+#include "../kernel_common.h"
 #include "omp_fast_kernel.cuh"
 
 namespace lasers {
@@ -23,7 +24,8 @@ void launch_fast(const warp::Problem& p) {
   static int resident[kMaxDevices][warp::kMaxM + 1] = {};
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  TORCH_CHECK(device < kMaxDevices, "batch_omp (CUDA fast path): device index ", device, " is above ", kMaxDevices);
+  TORCH_CHECK(device < kMaxDevices,
+              message("batch_omp (CUDA fast path): device index ", device, " is above ", kMaxDevices));
   int& grid = resident[device][p.M];
   if (grid == 0) {
     if (shared > 48 * 1024)
@@ -32,8 +34,8 @@ void launch_fast(const warp::Problem& p) {
     int sms = 0, per_sm = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared));
-    TORCH_CHECK(per_sm > 0, "batch_omp (CUDA fast path): no block fits on this GPU (", shared,
-                " bytes of shared memory)");
+    TORCH_CHECK(per_sm > 0,
+                message("batch_omp (CUDA fast path): no block fits on this GPU (", shared, " bytes of shared memory)"));
     grid = sms * per_sm;
   }
   const int64_t groups = (p.N + V - 1) / V;
@@ -66,7 +68,7 @@ void launch_fast_s(const warp::Problem& p, int S, int vectors_per_warp) {
     case 6: return launch_fast_v<KB, 6>(p, vectors_per_warp);
     case 7: return launch_fast_v<KB, 7>(p, vectors_per_warp);
     case 8: return launch_fast_v<KB, 8>(p, vectors_per_warp);
-    default: TORCH_CHECK(false, "batch_omp (CUDA fast path): S=", S, " is above ", warp::kMaxS);
+    default: TORCH_CHECK(false, message("batch_omp (CUDA fast path): S=", S, " is above ", warp::kMaxS));
   }
 }
 
