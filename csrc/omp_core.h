@@ -8,8 +8,12 @@
 // Conventions shared by every backend (lasers_ext/ops.py documents them for users):
 //   * Atoms are the rows of the dictionary, normalised to unit length before coding; a zero atom is never chosen.
 //   * Selection: j = argmax_k |alpha_k| over atoms not yet chosen, lowest index on ties.
-//   * A vector whose squared norm ||x||^2 is not finite (NaN or infinite entries, or overflow) gets every slot
-//     unused: no kernel reads or writes out of bounds on such a row, and none invents a code for it.
+//   * A vector with a NaN or infinite entry gets every slot unused: no kernel reads or writes out of bounds on such a
+//     row, and none invents a code for it.
+//   * Scale invariance: each vector is coded as x * 2^-e, 2^e the power of two at or below its largest |x_m|, and its
+//     coefficients are multiplied back by 2^e (tol by 2^-2e). Scaling by a power of two is exact, so the codes equal
+//     those of the unscaled arithmetic wherever that did not overflow or underflow, and squared norms stay finite
+//     for every finite x (float32 from 1e-38 to 3e38, float64 likewise). Atom norms are taken the same way.
 //   * A vector stops early, leaving its remaining slots unused (index -1, coefficient 0), when
 //       - its squared residual norm is <= tol (checked before every selection, including the first), or
 //       - its residual is numerically zero: max_k alpha_k^2 <= eps * ||x||^2 (covers x = 0), or
@@ -20,6 +24,7 @@
 // the CPU-side model of the CUDA fast path in tests/) rounds exactly the same operations in exactly the same order,
 // so they choose identical supports and identical coefficients on the same input. A faster kernel may change how the
 // work is parallelised (which vectors or atoms run together), never the order of a sum:
+//   * the scaled x_m = ldexp(x_m, -e), e = ilogb(max_m |x_m|) (0 for x = 0); everything below uses it;
 //   * ||x||^2 = fma chain over m ascending, from 0:           xx = fma(x_m, x_m, xx)
 //   * alpha0_k = fma chain over m ascending, from 0:          a = fma(x_m, atoms_t[m, k], a)
 //   * alpha_k = alpha0_k then over the support in selection order t = 0, 1, ...:  a = fma(-gamma_t, G[I_t, k], a)
@@ -27,7 +32,8 @@
 //     correlation is at rounding level, and then the search is repeated with the chosen atoms' alpha set to 0.
 //   * the S x S steps below: fma chains in the loop order written here, and a multiplication by the stored
 //     reciprocal 1 / L_rr of each pivot (IEEE division once per pivot, IEEE sqrt) instead of a division per use;
-//   * ||r||^2 = ||x||^2, then residual = fma(-y_s, y_s, residual) per accepted atom.
+//   * ||r||^2 = ||x||^2, then residual = fma(-y_s, y_s, residual) per accepted atom;
+//   * coefficient_t = ldexp(gamma_t * inv_norm[I_t], e).
 // Every fused multiply-add is an explicit std::fma call. Nothing is left to the compiler's contraction: the host build
 // uses -ffp-contract=off (so the CPU kernel's baseline clone, without hardware FMA, calls fma too) and nvcc -fmad=false.
 #pragma once
@@ -107,15 +113,44 @@ LASERS_HD T squared_norm(const T* x, int64_t M) {
   return xx;
 }
 
+// The exponent e of the contract's per-vector scaling (2^e <= max_m |x_m| < 2^(e+1); 0 for x = 0), or
+// kNonFinite when an entry is NaN or infinite.
+constexpr int kNonFinite = 1 << 30;
+template <typename T>
+LASERS_HD int scale_exponent(const T* x, int64_t M) {
+  T amax = T(0);
+  bool finite = true;
+  for (int64_t m = 0; m < M; ++m) {
+    const T a = std::fabs(x[m]);
+    finite = finite && a <= (sizeof(T) == sizeof(float) ? T(FLT_MAX) : T(DBL_MAX));  // NaN fails too
+    amax = a > amax ? a : amax;
+  }
+  if (!finite) return kNonFinite;
+  return amax > T(0) ? std::ilogb(amax) : 0;
+}
+
+// tol of the scaled vector: ldexp(tol, -2e); a negative tol (disabled) stays negative.
+template <typename T>
+LASERS_HD T scaled_tol(T tol, int e) {
+  return tol < T(0) ? tol : std::ldexp(tol, -2 * e);
+}
+
 // Dictionary preparation, identical on every device (kernel_common.h on the CPU, a CUDA kernel on the GPU), so the
 // CPU and CUDA kernels code against the very same numbers: float64 fma chains over m ascending, one rounding to T.
 //   ||d_k|| = sqrt(sum_m d_km^2),  unit_km = T(d_km / ||d_k||),  inv_norm_k = T(1 / ||d_k||)  (0 for a zero atom),
 //   G_ab = T(sum_m unit_am * unit_bm).
 template <typename T>
 LASERS_HD double atom_norm(const T* d_row, int64_t M) {
+  double amax = 0.0;  // scaled by the power of two of the largest entry, so that no square over- or underflows
+  for (int64_t m = 0; m < M; ++m) amax = std::fmax(amax, std::fabs(double(d_row[m])));
+  if (!(amax > 0.0) || !(amax <= DBL_MAX)) return amax > 0.0 ? amax : 0.0;  // zero atom, or inf / NaN entries
+  const int e = std::ilogb(amax);
   double nn = 0.0;
-  for (int64_t m = 0; m < M; ++m) nn = std::fma(double(d_row[m]), double(d_row[m]), nn);
-  return std::sqrt(nn);
+  for (int64_t m = 0; m < M; ++m) {
+    const double d = std::ldexp(double(d_row[m]), -e);
+    nn = std::fma(d, d, nn);
+  }
+  return std::ldexp(std::sqrt(nn), e);
 }
 
 // G_ab from the transposed unit atoms ut (M, K).
@@ -141,6 +176,7 @@ struct HostProblem {
 // Per-thread scratch, allocated once per thread and reused for every vector.
 template <typename T>
 struct HostScratch {
+  T* x;            // M: the scaled vector
   T* alpha0;       // K
   T* alpha;        // K
   T* L;            // S * S
@@ -150,12 +186,13 @@ struct HostScratch {
   T* neg_gamma;    // S
   const T** rows;  // max(M, S) row pointers
 
-  static int64_t values(int64_t K, int64_t S) { return 2 * K + S * S + 4 * S; }
+  static int64_t values(int64_t K, int64_t M, int64_t S) { return M + 2 * K + S * S + 4 * S; }
   static int64_t pointers(int64_t M, int64_t S) { return M > S ? M : S; }
-  // Carves the scratch out of `values(K, S)` numbers and `pointers(M, S)` pointers.
-  static HostScratch carve(T* v, const T** ptrs, int64_t K, int64_t S) {
-    T* small = v + 2 * K + S * S;
-    return HostScratch{v, v + K, v + 2 * K, small, small + S, small + 2 * S, small + 3 * S, ptrs};
+  // Carves the scratch out of `values(K, M, S)` numbers and `pointers(M, S)` pointers.
+  static HostScratch carve(T* v, const T** ptrs, int64_t K, int64_t M, int64_t S) {
+    T* a = v + M;
+    T* small = a + 2 * K + S * S;
+    return HostScratch{v, a, a + K, a + 2 * K, small, small + S, small + 2 * S, small + 3 * S, ptrs};
   }
 };
 
@@ -260,23 +297,26 @@ LASERS_HOST_INLINE int host_encode(const HostProblem<T>& p, const T* x, const Ho
                                    T* coef) {
   const int64_t K = p.K;
   const int S = p.S;
-  const T xx = squared_norm(x, p.M);
-  if (!std::isfinite(xx)) {  // non-finite row: every slot unused (see the conventions above)
+  const int e = scale_exponent(x, p.M);
+  if (e == kNonFinite) {  // every slot unused (see the conventions above)
     for (int t = 0; t < S; ++t) {
       idx[t] = -1;
       coef[t] = T(0);
     }
     return 0;
   }
+  for (int64_t m = 0; m < p.M; ++m) w.x[m] = std::ldexp(x[m], -e);
+  const T xx = squared_norm(w.x, p.M);
+  const T tol = scaled_tol(p.tol, e);
   // alpha0 = D_n x as a combination of the rows of atoms_t (M, K).
   for (int64_t m = 0; m < p.M; ++m) w.rows[m] = p.atoms_t + m * K;
-  T best = host_combine_rows<T>(w.alpha0, nullptr, w.rows, x, static_cast<int>(p.M), K);  // max |alpha|
+  T best = host_combine_rows<T>(w.alpha0, nullptr, w.rows, w.x, static_cast<int>(p.M), K);  // max |alpha|
   const T zero_level = p.th.corr_rel_sq * xx;
   T residual = xx;  // ||r||^2 = ||x||^2 - ||y||^2 with L y = alpha0_T
   T* alpha = w.alpha0;
   int s = 0;
   for (; s < S; ++s) {
-    if (residual <= p.tol || best * best <= zero_level) break;
+    if (residual <= tol || best * best <= zero_level) break;
     int64_t j = host_first_abs_equal(alpha, K, best);
     // Chosen atoms have |alpha| ~ 0 and win only when everything is at noise level; then mask them and look again.
     bool chosen = false;
@@ -309,7 +349,7 @@ LASERS_HOST_INLINE int host_encode(const HostProblem<T>& p, const T* x, const Ho
   }
   const int used = s;
   back_solve(w.L, S, used, w.inv_diag, w.y, w.gamma);
-  for (int t = 0; t < used; ++t) coef[t] = w.gamma[t] * p.inv_norm[idx[t]];
+  for (int t = 0; t < used; ++t) coef[t] = std::ldexp(w.gamma[t] * p.inv_norm[idx[t]], e);
   for (int t = used; t < S; ++t) {
     idx[t] = -1;
     coef[t] = T(0);

@@ -190,8 +190,22 @@ LASERS_HD void code_group(W& w, const Problem& p, Exchange<V, S>& ex, LaneState<
     }
   }
   w.sync();
+  // The contract's per-vector scaling by 2^-e (exact); a row with a NaN or infinite entry gets every slot unused.
+  int exponent[V];
+LASERS_UNROLL
+  for (int v = 0; v < V; ++v) exponent[v] = core::scale_exponent(ex.xs[v], M);
+  w.sync();  // every lane has read the raw signals before they are rescaled in place
+  for (int slot = 0; slot < W::kSlots; ++slot) {
+    for (int e = w.lane(slot); e < V * M; e += kLanes) {
+      const int v = e / M;
+      const int ev = pick(exponent, v);
+      float& xm = ex.xs[v][e - v * M];
+      xm = ev == core::kNonFinite ? 0.0f : std::ldexp(xm, -ev);
+    }
+  }
+  w.sync();
 
-  float zero_level[V], residual[V], best[V], neg_gamma[V][R];
+  float zero_level[V], residual[V], tol[V], best[V], neg_gamma[V][R];
   int j[V], used[V];
   bool live[V];
 LASERS_UNROLL
@@ -199,7 +213,8 @@ LASERS_UNROLL
     const float xx = core::squared_norm(ex.xs[v], M);
     zero_level[v] = p.th.corr_rel_sq * xx;
     residual[v] = xx;
-    live[v] = n0 + v < p.N && std::isfinite(xx);  // a non-finite row gets every slot unused
+    tol[v] = core::scaled_tol(p.tol, exponent[v]);
+    live[v] = n0 + v < p.N && exponent[v] != core::kNonFinite;
     used[v] = 0;
 LASERS_UNROLL
     for (int t = 0; t < R; ++t) neg_gamma[v][t] = 0.0f;
@@ -232,7 +247,7 @@ LASERS_UNROLL
     bool chosen[V];
 LASERS_UNROLL
     for (int v = 0; v < V; ++v) {
-      if (live[v] && (residual[v] <= p.tol || best[v] * best[v] <= zero_level[v])) live[v] = false;
+      if (live[v] && (residual[v] <= tol[v] || best[v] * best[v] <= zero_level[v])) live[v] = false;
       chosen[v] = false;
       if (live[v])
         for (int t = 0; t < s; ++t) chosen[v] = chosen[v] || ex.support[v][t] == j[v];
@@ -330,11 +345,12 @@ LASERS_UNROLL
     const int64_t n = n0 + v;
     if (n >= p.N) return;
     const int u = pick(used, v);
+    const int ev = pick(exponent, v);
     core::back_solve(ex.L[v], S, u, ex.inv_diag[v], ex.y[v], ex.gamma[v]);
     for (int t = 0; t < S; ++t) {
       const bool valid = t < u;
       p.idx[n * S + t] = valid ? ex.support[v][t] : -1;
-      p.coef[n * S + t] = valid ? ex.gamma[v][t] * p.inv_norm[ex.support[v][t]] : 0.0f;
+      p.coef[n * S + t] = valid ? std::ldexp(ex.gamma[v][t] * p.inv_norm[ex.support[v][t]], ev) : 0.0f;
     }
   });
 }

@@ -21,9 +21,9 @@ LASERS_HOST_INLINE void encode_range_impl(const core::HostProblem<T>& p, const T
                                           int64_t begin, int64_t end) {
   using Scratch = core::HostScratch<T>;
   const int64_t S = p.S;
-  std::vector<T> values(Scratch::values(p.K, S));
+  std::vector<T> values(Scratch::values(p.K, p.M, S));
   std::vector<const T*> pointers(Scratch::pointers(p.M, S));
-  const Scratch w = Scratch::carve(values.data(), pointers.data(), p.K, S);
+  const Scratch w = Scratch::carve(values.data(), pointers.data(), p.K, p.M, S);
   for (int64_t n = begin; n < end; ++n) core::host_encode<T>(p, xs + n * p.M, w, idx + n * S, coef + n * S);
 }
 

@@ -93,6 +93,13 @@ __global__ void batch_omp_kernel(const DeviceProblem<T> p) {
   const T* x = p.x + n * M;
   for (int m = lane; m < M; m += kWarp) xs[m] = x[m];
   __syncwarp();
+  // The contract's per-vector scaling by 2^-e (exact); a row with a NaN or infinite entry gets every slot unused.
+  const int e = core::scale_exponent(xs, M);
+  const bool finite = e != core::kNonFinite;
+  __syncwarp();
+  for (int m = lane; m < M; m += kWarp) xs[m] = finite ? ldexp(xs[m], -e) : T(0);
+  __syncwarp();
+  const T tol = core::scaled_tol(p.tol, e);
 
   // ||x||^2 in the CPU kernel's order (every lane, same value); alpha0 and its largest magnitude.
   const T xx = core::squared_norm(xs, M);
@@ -114,9 +121,8 @@ __global__ void batch_omp_kernel(const DeviceProblem<T> p) {
   const T zero_level = p.th.corr_rel_sq * xx;
   T residual = xx;  // ||r||^2 = ||x||^2 - ||y||^2, kept identical on every lane
   int s = 0;
-  const bool finite = isfinite(xx);  // a non-finite row gets every slot unused (omp_core.h)
   for (; finite && s < S; ++s) {
-    if (residual <= p.tol || best * best <= zero_level) break;
+    if (residual <= tol || best * best <= zero_level) break;
     const int j = best_k;
     const T* gram_j = p.gram + static_cast<int64_t>(j) * K;
     int ok = 0;
@@ -164,7 +170,7 @@ __global__ void batch_omp_kernel(const DeviceProblem<T> p) {
   for (int t = lane; t < S; t += kWarp) {
     const bool valid = t < used;
     p.idx[n * S + t] = valid ? support[t] : -1;
-    p.coef[n * S + t] = valid ? gamma[t] * p.inv_norm[support[t]] : T(0);
+    p.coef[n * S + t] = valid ? ldexp(gamma[t] * p.inv_norm[support[t]], e) : T(0);
   }
 }
 

@@ -47,9 +47,9 @@ struct Prepared {
     lasers::core::HostProblem<double> p{atoms_t.data(), gram.data(), inv_norm.data(), K, M, S, tol,
                                         lasers::core::default_thresholds<double>()};
     using Scratch = lasers::core::HostScratch<double>;
-    std::vector<double> values(Scratch::values(K, S));
+    std::vector<double> values(Scratch::values(K, M, S));
     std::vector<const double*> pointers(Scratch::pointers(M, S));
-    const Scratch w = Scratch::carve(values.data(), pointers.data(), K, S);
+    const Scratch w = Scratch::carve(values.data(), pointers.data(), K, M, S);
     idx.assign(S, 0);
     coef.assign(S, 0);
     return lasers::core::host_encode(p, x.data(), w, idx.data(), coef.data());

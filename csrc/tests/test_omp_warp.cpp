@@ -101,9 +101,9 @@ void cpu_codes(const Prepared& d, const std::vector<float>& x, int S, float tol,
   lasers::core::HostProblem<float> p{d.atoms_t.data(), d.gram.data(), d.inv_norm.data(), d.K, d.M, S, tol,
                                      lasers::core::default_thresholds<float>()};
   using Scratch = lasers::core::HostScratch<float>;
-  std::vector<float> values(Scratch::values(d.K, S));
+  std::vector<float> values(Scratch::values(d.K, d.M, S));
   std::vector<const float*> pointers(Scratch::pointers(d.M, S));
-  const Scratch w = Scratch::carve(values.data(), pointers.data(), d.K, S);
+  const Scratch w = Scratch::carve(values.data(), pointers.data(), d.K, d.M, S);
   const int64_t N = static_cast<int64_t>(x.size()) / d.M;
   idx.assign(N * S, 0);
   coef.assign(N * S, 0.0f);
@@ -209,8 +209,10 @@ void degenerate(std::mt19937_64& rng) {
     x[2 * M + m] = dict[1 * M + m] - 2 * dict[20 * M + m] + 0.5f * dict[40 * M + m];  // exactly 3-sparse
     x[3 * M + m] = -dict[14 * M + m];                                // a sign-flipped duplicate's direction
     x[4 * M + m] = 1e-30f * x[4 * M + m];                            // tiny
-    x[5 * M + m] = 1e18f * x[5 * M + m];                             // ||x||^2 overflows: all slots unused
+    x[5 * M + m] = 1e19f * x[5 * M + m];                             // ||x||^2 would overflow unscaled
   }
+  for (int n = 400; n < 800; ++n)  // extreme scales, both ways: the scaled codes must agree too
+    for (int m = 0; m < M; ++m) x[n * M + m] *= n % 4 == 0 ? 1e-30f : n % 4 == 1 ? 3e30f : n % 4 == 2 ? 1e-40f : 1e37f;
   x[6 * M + 3] = std::numeric_limits<float>::quiet_NaN();  // NaN entry: all slots unused
   x[7 * M + 0] = inf;                                      // infinite entry: all slots unused
   for (int n = 8; n < 400; ++n)  // exact ties: x symmetric in two atoms
