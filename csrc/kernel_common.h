@@ -40,6 +40,13 @@ inline void check_kernel_arguments(const at::Tensor& x, const at::Tensor& dictio
               "batch_omp: need 1 <= sparsity <= min(K, M)");
 }
 
+// The checks of the prepare_dictionary op: a (K, M) float32 or float64 matrix.
+inline void check_dictionary(const at::Tensor& dictionary) {
+  TORCH_CHECK(dictionary.dim() == 2 && dictionary.size(0) >= 1, "prepare_dictionary: dictionary must be (K, M)");
+  TORCH_CHECK(dictionary.scalar_type() == at::kFloat || dictionary.scalar_type() == at::kDouble,
+              "prepare_dictionary: the dictionary must be float32 or float64");
+}
+
 struct PreparedDictionary {
   at::Tensor atoms_t;   // (M, K) normalised atoms, transposed (alpha0 = sum_m x_m * atoms_t[m, :] runs over K)
   at::Tensor gram;      // (K, K) Gram matrix of the normalised atoms, row-major, symmetric

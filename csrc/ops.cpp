@@ -1,5 +1,5 @@
 // Operator schema for lasers_ext and the Python module that loads it (`import lasers_ext._C`).
-// Kernels register themselves per dispatch key in their own files (cpu/omp_cpu.cpp, cuda/omp_cuda.cu);
+// Kernels register themselves per dispatch key in their own files (cpu/omp_cpu.cpp, cuda/omp_cuda_op.cpp);
 // the fake (meta) kernel and the autograd formula are registered from Python in lasers_ext/ops.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -23,4 +23,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(lasers_ext, m) {
   m.def("batch_omp(Tensor x, Tensor dictionary, int sparsity, float? tol=None) -> (Tensor, Tensor)");
+  // The dictionary as every compiled backend codes against it (omp_core.h's atom_norm and gram_entry, the same
+  // numbers on every device): atoms_t (M, K) unit atoms transposed, gram (K, K), inv_norm (K).
+  m.def("prepare_dictionary(Tensor dictionary) -> (Tensor, Tensor, Tensor)");
 }

@@ -125,6 +125,12 @@ for _name in _OPS:
     torch.library.register_autograd(_name, _backward, setup_context=_setup_context)
 
 
+@torch.library.register_fake("lasers_ext::prepare_dictionary")
+def _prepare_fake(dictionary: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    k, m = dictionary.shape
+    return dictionary.new_empty((m, k)), dictionary.new_empty((k, k)), dictionary.new_empty((k,))
+
+
 def _has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
 
@@ -241,6 +247,11 @@ def batch_omp(
     (max_k <atom_k/||atom_k||, r>^2 <= eps ||x||^2, which includes x = 0), or (c) the next atom is linearly dependent
     on the chosen ones (new Cholesky pivot < sqrt(eps)), e.g. a duplicate atom. eps is the machine epsilon of the
     compute dtype. :func:`sparse_decode` ignores unused slots; so does ``coeffs[..., None] * dictionary[indices]``.
+
+    NaN or Inf input raises ``ValueError`` here. Where that check is skipped (under ``torch.compile``, or calling
+    ``torch.ops.lasers_ext.batch_omp*`` directly), a row with a NaN or infinite entry gets every slot unused, on every
+    backend. The codes do not depend on the scale of a row or of an atom: every backend codes each row scaled by a
+    power of two (exactly), so any finite input of the dtype is coded, from subnormal to near-overflow values.
     """
     _check_args(x, dictionary, sparsity, tol)
     name = _resolve_backend(backend, x.device)

@@ -38,21 +38,44 @@ def batch_omp_reference(
     eps = stopping_eps(x.dtype)
     X = x.detach().to(torch.float64)
     D = dictionary.detach().to(torch.float64)
-    norms = D.norm(dim=1)
-    unit = torch.where(norms[:, None] > 0, D / norms.clamp_min(1e-300)[:, None], torch.zeros_like(D))
+    # OMP's codes do not change when a signal or an atom is scaled: code each row and take each atom's norm at the
+    # scale of its largest entry (a power of two, so exactly), so squares neither overflow nor underflow.
+    d_exp = _exponents(D)
+    norms = _ldexp(_ldexp(D, -d_exp[:, None]).norm(dim=1), d_exp)
+    norms = torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms))  # atoms with NaN/Inf: never chosen
+    unit = torch.where(norms[:, None] > 0, D / torch.where(norms > 0, norms, 1.0)[:, None], torch.zeros_like(D))
+    x_exp = _exponents(X)
+    finite = torch.isfinite(X).all(dim=1)  # a row with a NaN or infinite entry gets every slot unused
+    X = torch.where(finite[:, None], _ldexp(X, -x_exp[:, None]), torch.zeros_like(X))
+    tols = None if tol is None else _ldexp(torch.full_like(X[:, 0], float(tol)), -2 * x_exp)
     n = X.shape[0]
     indices = torch.full((n, sparsity), -1, dtype=torch.long, device=x.device)
     coeffs = torch.zeros((n, sparsity), dtype=torch.float64, device=x.device)
     for start in range(0, n, chunk):
         rows = slice(start, start + chunk)
-        indices[rows], coeffs[rows] = _omp_chunk(X[rows], unit, sparsity, tol, eps)
+        indices[rows], coeffs[rows] = _omp_chunk(X[rows], unit, sparsity, None if tols is None else tols[rows], eps)
     safe = indices.clamp(min=0)
-    coeffs = torch.where(indices >= 0, coeffs / norms[safe].clamp_min(1e-300), torch.zeros_like(coeffs))
+    scaled = _ldexp(coeffs, x_exp[:, None]) / torch.where(norms[safe] > 0, norms[safe], 1.0)
+    coeffs = torch.where(indices >= 0, scaled, torch.zeros_like(coeffs))
     return indices, coeffs.to(x.dtype)
 
 
-def _omp_chunk(X: Tensor, unit: Tensor, S: int, tol: float | None, eps: float) -> tuple[Tensor, Tensor]:
-    """OMP over unit-norm atoms for one chunk; coefficients refer to the unit atoms."""
+def _ldexp(a: Tensor, e: Tensor) -> Tensor:
+    """a * 2^e (float64, e int64 up to +-2046), exact in the normal range: two factors that are each representable."""
+    half = torch.div(e, 2, rounding_mode="floor")
+    return a * torch.exp2(half.double()) * torch.exp2((e - half).double())
+
+
+def _exponents(a: Tensor) -> Tensor:
+    """Per row of a (float64): the integer e with 2^e <= max |a| < 2^(e+1) (0 for an all-zero or non-finite row)."""
+    amax = a.abs().amax(dim=1) if a.shape[1] else a.new_zeros(a.shape[0])
+    ok = (amax > 0) & torch.isfinite(amax)
+    _, e = torch.frexp(torch.where(ok, amax, torch.ones_like(amax)))  # amax = m * 2^e with m in [0.5, 1)
+    return torch.where(ok, e - 1, torch.zeros_like(e)).to(torch.int64)
+
+
+def _omp_chunk(X: Tensor, unit: Tensor, S: int, tol: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    """OMP over unit-norm atoms for one chunk (tol per row); coefficients refer to the unit atoms."""
     n = X.shape[0]
     gram = unit @ unit.T
     support = torch.full((n, S), -1, dtype=torch.long, device=X.device)

@@ -36,8 +36,8 @@ def _row(mat, ids, r):
 
 @triton.jit
 def _batch_omp_kernel(
-    x_ptr, atoms_t_ptr, gram_ptr, inv_norm_ptr, idx_ptr, coef_ptr,
-    N, K, M, tol, pivot_min, corr_rel_sq,
+    x_ptr, atoms_t_ptr, gram_ptr, inv_norm_ptr, idx_ptr, coef_ptr, tol_ptr,
+    N, K, M, pivot_min, corr_rel_sq,
     S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -57,6 +57,7 @@ def _batch_omp_kernel(
         dm = tl.load(atoms_t_ptr + m * K + ks, mask=k_ok, other=0.0)
         alpha0 += xm[:, None] * dm[None, :]
     zero_level = corr_rel_sq * xx
+    tol = tl.load(tol_ptr + rows, mask=row_ok, other=-1.0)
     residual = xx
     alpha = alpha0
     active = row_ok
@@ -155,15 +156,19 @@ def batch_omp_triton(x: Tensor, dictionary: Tensor, sparsity: int, tol: float | 
     coeffs = torch.empty((n, sparsity), dtype=x.dtype, device=x.device)
     if n == 0:
         return indices, coeffs
-    norms = dictionary.norm(dim=1, keepdim=True)
-    nonzero = norms > 0
-    unit = torch.where(nonzero, dictionary / norms, torch.zeros_like(dictionary))
-    inv_norm = torch.where(nonzero, norms.reciprocal(), torch.zeros_like(norms)).reshape(-1).contiguous()
-    unit64 = unit.double()
-    gram = (unit64 @ unit64.T).to(x.dtype).contiguous()  # float64 accumulation, as csrc/kernel_common.h
+    # the compiled kernels' own preparation (the same numbers on every device) and their per-row scaling by a power
+    # of two (csrc/omp_core.h): rows with NaN/Inf entries are coded as 0 (every slot unused)
+    atoms_t, gram, inv_norm = torch.ops.lasers_ext.prepare_dictionary(dictionary)
+    amax = x.abs().amax(dim=1) if m else x.new_zeros(n)
+    ok = (amax > 0) & torch.isfinite(amax)
+    exponent = torch.where(ok, torch.frexp(torch.where(ok, amax, torch.ones_like(amax)))[1] - 1, 0)
+    finite = torch.isfinite(x).all(dim=1, keepdim=True)
+    xs = torch.where(finite, _ldexp(x, -exponent[:, None]), torch.zeros_like(x)).contiguous()
+    tol_rows = torch.full((n,), -1.0 if tol is None else float(tol), dtype=torch.float64, device=x.device)
+    if tol is not None:
+        tol_rows = _ldexp(tol_rows, -2 * exponent)
     eps = torch.finfo(x.dtype).eps
-    args = (x.contiguous(), unit.T.contiguous(), gram, inv_norm, indices, coeffs,
-            n, k, m, -1.0 if tol is None else float(tol), math.sqrt(eps), eps)
+    args = (xs, atoms_t, gram, inv_norm, indices, coeffs, tol_rows.to(x.dtype), n, k, m, math.sqrt(eps), eps)
     shape = {"S": sparsity, "BLOCK_K": triton.next_power_of_2(k), "BLOCK_S": triton.next_power_of_2(sparsity)}
     if triton_interpreting():
         _batch_omp_kernel[(triton.cdiv(n, _INTERPRETER_BLOCK_N),)](*args, BLOCK_N=_INTERPRETER_BLOCK_N, **shape)
@@ -171,4 +176,10 @@ def batch_omp_triton(x: Tensor, dictionary: Tensor, sparsity: int, tol: float | 
         _batch_omp_kernel[(triton.cdiv(n, _FIXED["BLOCK_N"]),)](*args, **_FIXED, **shape)
     else:
         _autotuned_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **shape)
-    return indices, coeffs
+    return indices, _ldexp(coeffs, exponent[:, None])
+
+
+def _ldexp(a: Tensor, e: Tensor) -> Tensor:
+    """a * 2^e for integer tensors e, in two factors that each stay representable (exact in the normal range)."""
+    half = torch.div(e, 2, rounding_mode="floor")
+    return a * torch.exp2(half.to(a.dtype)) * torch.exp2((e - half).to(a.dtype))

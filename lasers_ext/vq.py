@@ -78,41 +78,54 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z: Tensor, temp=None, rescale_logits: bool = False, return_logits: bool = False):
         check_quantizer_call(z, self.e_dim, temp, rescale_logits, return_logits)
+        if not torch.compiler.is_compiling() and z.numel() and not bool(torch.isfinite(z).all()):
+            raise ValueError("z contains NaN or Inf")  # as SparseDictBottleneck; compiled graphs skip value checks
         b, _, h, w = z.shape
-        z_sites = z.permute(0, 2, 3, 1).reshape(-1, self.e_dim)
-        weight = self.embedding.weight
-        dist_sq = (z_sites**2).sum(1, keepdim=True) + (weight**2).sum(1) - 2 * z_sites @ weight.T
-        indices = dist_sq.argmin(1)
-        z_q = F.embedding(indices, weight)
-        if self.ema and self.training:  # after z_q: this step quantizes with the codebook it was given
-            self._ema_update(z_sites.detach(), indices)
-        if self.ema:
-            loss = self.beta * ((z_q.detach() - z_sites) ** 2).mean()
-        elif self.legacy:
-            loss = ((z_q.detach() - z_sites) ** 2).mean() + self.beta * ((z_q - z_sites.detach()) ** 2).mean()
-        else:
-            loss = self.beta * ((z_q.detach() - z_sites) ** 2).mean() + ((z_q - z_sites.detach()) ** 2).mean()
-        z_q = z_sites + (z_q - z_sites).detach()
-        z_q = z_q.reshape(b, h, w, self.e_dim).permute(0, 3, 1, 2).contiguous()
+        # the DL bottleneck's dtype rules: float32 inside (float64 for float64 input), outputs in z's dtype
+        compute = torch.float64 if z.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z_sites = z.permute(0, 2, 3, 1).reshape(-1, self.e_dim).to(compute)
+            weight = self.embedding.weight.to(compute)
+            dist_sq = (z_sites**2).sum(1, keepdim=True) + (weight**2).sum(1) - 2 * z_sites @ weight.T
+            indices = dist_sq.argmin(1)
+            z_q = F.embedding(indices, weight)
+            if self.ema and self.training:  # after z_q: this step quantizes with the codebook it was given
+                self._ema_update(z_sites.detach(), indices)
+            if self.ema:
+                loss = self.beta * ((z_q.detach() - z_sites) ** 2).mean()
+            elif self.legacy:
+                loss = ((z_q.detach() - z_sites) ** 2).mean() + self.beta * ((z_q - z_sites.detach()) ** 2).mean()
+            else:
+                loss = self.beta * ((z_q.detach() - z_sites) ** 2).mean() + ((z_q - z_sites.detach()) ** 2).mean()
+            z_q = z_sites + (z_q - z_sites).detach()
+        z_q = z_q.reshape(b, h, w, self.e_dim).permute(0, 3, 1, 2).contiguous().to(z.dtype)
         ones = torch.ones_like(indices, dtype=z.dtype)
         stats = usage_statistics(indices[:, None], ones[:, None], F.normalize(weight.detach(), dim=1))
         if self.sane_index_shape:
             indices, ones = indices.reshape(b, h, w), ones.reshape(b, h, w)
-        return z_q, loss, QuantizerInfo(stats.pop("perplexity"), None, indices, coeffs=ones, **stats)
+        return z_q, loss.to(z.dtype), QuantizerInfo(stats.pop("perplexity"), None, indices, coeffs=ones, **stats)
 
     @torch.no_grad()
     def _ema_update(self, z_sites: Tensor, indices: Tensor) -> None:
+        """One EMA step. A batch with a NaN or Inf latent (on any rank) leaves the codebook and statistics untouched,
+        without a host synchronisation (the forward refuses such input outside torch.compile)."""
         ones = torch.ones_like(indices, dtype=torch.float32)
-        counts = torch.zeros(self.n_e, device=z_sites.device).index_add_(0, indices, ones)
+        counts = torch.zeros(self.n_e + 1, device=z_sites.device).index_add_(0, indices, ones)
+        counts[-1] = (~torch.isfinite(z_sites).all()).float()  # rides along in the same all-reduce
         sums = torch.zeros(self.n_e, self.e_dim, device=z_sites.device).index_add_(0, indices, z_sites.float())
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
-        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        n = self.cluster_size.sum()
-        smoothed = (self.cluster_size + self.eps) / (n + self.n_e * self.eps) * n
-        self.embedding.weight.copy_(self.embed_avg / smoothed.unsqueeze(1))
+        ok = counts[-1] == 0
+        counts = counts[:-1]
+        cluster_size = self.cluster_size * self.decay + counts * (1 - self.decay)
+        embed_avg = self.embed_avg * self.decay + sums * (1 - self.decay)
+        n = cluster_size.sum()
+        smoothed = (cluster_size + self.eps) / (n + self.n_e * self.eps) * n
+        weight = (embed_avg / smoothed.unsqueeze(1)).to(self.embedding.weight.dtype)
+        self.cluster_size.copy_(torch.where(ok, cluster_size, self.cluster_size))
+        self.embed_avg.copy_(torch.where(ok, embed_avg, self.embed_avg))
+        self.embedding.weight.copy_(torch.where(ok, weight, self.embedding.weight))
 
     def get_codebook_entry(self, indices: Tensor, shape: tuple[int, int, int, int] | None) -> Tensor:
         """taming's decode: codewords for ``indices``, as (B, C, H, W) for ``shape`` = (B, H, W, C), else (N, C)."""

@@ -310,3 +310,55 @@ def test_property_kernels_match_reference(n, m, k, data, dtype, seed, use_tol):
         assert torch.equal(valid, valid.cummin(dim=1).values)
         assert (codes.coeffs[~valid] == 0).all()
         assert_matches_reference(codes, x, d, s, tol)
+
+
+# ---- every backend: non-finite rows and extreme scales (issue 11) ---------------------------------------------------
+
+BACKENDS_HERE = lasers_ext.available_backends("cpu")
+RAW_OPS = {"cpu": "batch_omp", "reference": "batch_omp_reference", "triton": "batch_omp_triton"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_non_finite_rows_get_unused_slots_on_every_backend(gen, backend):
+    """Through each backend's raw op and under torch.compile (both skip batch_omp's NaN/Inf check): a row with a NaN or
+    infinite entry gets every slot unused (index -1, coefficient 0), on every call; the other rows are coded as
+    usual, and every index is in [-1, K)."""
+    x, d = random_problem(gen, 300, 16, 64)
+    bad = x.clone()
+    bad[1, 3], bad[2, 0], bad[3, 5] = float("nan"), float("inf"), -float("inf")
+    keep = torch.ones(len(x), dtype=torch.bool)
+    keep[1:4] = False
+    expected = batch_omp(x, d, 5, backend=backend)
+    op = getattr(torch.ops.lasers_ext, RAW_OPS[backend])
+    compiled = torch.compile(lambda a, b: tuple(batch_omp(a, b, 5, backend=backend)), backend="eager", fullgraph=True)
+    for idx, coef in (op(bad, d, 5), op(bad, d, 5), compiled(bad, d)):
+        assert (idx[1:4] == -1).all() and (coef[1:4] == 0).all()
+        assert ((idx >= -1) & (idx < 64)).all() and torch.isfinite(coef).all()
+        assert torch.equal(idx[keep], expected.indices[keep]) and torch.equal(coef[keep], expected.coeffs[keep])
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_codes_do_not_depend_on_scale(gen, backend, dtype):
+    """OMP's codes are scale-invariant, and so are the kernels': x scaled by 2^k gives the same atoms and coefficients
+    scaled by exactly 2^k, a dictionary scaled by 2^k the same atoms and coefficients scaled by 2^-k, across the
+    whole exponent range of the dtype (squares would overflow or underflow there without the kernels' per-vector
+    scaling). Decimal scales (1e19, 1e-25 in float32; 1e160, 1e-200 in float64) give full codes with the same
+    atoms, up to rounding-level ties."""
+    x, d = random_problem(gen, 200, 16, 64, dtype, normalise=False)
+    base = batch_omp(x, d, 5, backend=backend)
+    assert (base.indices >= 0).all()
+    powers = [-100, -60, 60, 110] if dtype == torch.float32 else [-900, -500, 500, 900]
+    for k in powers:
+        two_k = torch.tensor(k)
+        scaled_x = batch_omp(torch.ldexp(x, two_k), d, 5, backend=backend)
+        assert torch.equal(scaled_x.indices, base.indices), f"x * 2^{k}"
+        assert torch.equal(scaled_x.coeffs, torch.ldexp(base.coeffs, two_k)), f"x * 2^{k}"
+        scaled_d = batch_omp(x, torch.ldexp(d, two_k), 5, backend=backend)
+        assert torch.equal(scaled_d.indices, base.indices), f"dictionary * 2^{k}"
+        assert torch.equal(scaled_d.coeffs, torch.ldexp(base.coeffs, -two_k)), f"dictionary * 2^{k}"
+    decimals = [1e19, 1e-25] if dtype == torch.float32 else [1e160, 1e-200]
+    for c in decimals:
+        for codes in (batch_omp(x * c, d, 5, backend=backend), batch_omp(x, d * c, 5, backend=backend)):
+            assert (codes.indices >= 0).all(), f"scale {c}: a row came back with unused slots"
+            assert (codes.indices == base.indices).all(1).float().mean() >= 0.97, f"scale {c}"

@@ -218,13 +218,12 @@ def test_fast_path_writes_every_element(gen, fast):
 @pytest.mark.parametrize("kernel_name", ["fast", "general"])
 def test_non_finite_rows_get_unused_slots(gen, monkeypatch, kernel_name):
     """Through the raw op (the path torch.compile takes, without the Python NaN check): a row with a NaN or infinite
-    entry, or whose squared norm overflows, gets every slot unused, on the GPU as on the CPU, and other rows are
-    coded as usual."""
+    entry gets every slot unused, on the GPU as on the CPU, and other rows are coded as usual."""
     monkeypatch.setenv("LASERS_CUDA_KERNEL", kernel_name)
     x, d = random_problem(gen, 300, 16, 512)
     x[5, 3] = float("nan")
     x[6, 0] = float("inf")
-    x[7] = 1e20
+    x[7, 2] = -float("inf")
     for _ in range(3):
         idx, coef = torch.ops.lasers_ext.batch_omp(x.cuda(), d.cuda(), 5)
         cpu_idx, cpu_coef = torch.ops.lasers_ext.batch_omp(x, d, 5)
@@ -251,3 +250,22 @@ def test_fast_path_refuses_shapes_it_does_not_take(gen, fast):
     with pytest.raises(RuntimeError, match="fast path takes only"):
         batch_omp(x.cuda(), d.cuda(), 5, backend="cuda")
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_codes_do_not_depend_on_scale(gen, kernel, dtype):
+    """As on the CPU (test_batch_omp.test_codes_do_not_depend_on_scale): x * 2^k gives the same atoms and exactly
+    scaled coefficients, decimal extremes full codes; and the CUDA codes equal the CPU kernel's at every scale."""
+    x, d = random_problem(gen, 2000, 16, 512, dtype, normalise=False)
+    base = batch_omp(x.cuda(), d.cuda(), 5, backend="cuda")
+    powers = [-100, 110] if dtype == torch.float32 else [-900, 900]
+    for k in powers:
+        two_k = torch.tensor(k)
+        scaled = batch_omp(torch.ldexp(x, two_k).cuda(), d.cuda(), 5, backend="cuda")
+        assert torch.equal(scaled.indices, base.indices)
+        assert torch.equal(scaled.coeffs, torch.ldexp(base.coeffs, two_k.cuda()))
+    for c in ([1e19, 1e-25] if dtype == torch.float32 else [1e160, 1e-200]):
+        codes = batch_omp((x * c).cuda(), d.cuda(), 5, backend="cuda")
+        assert (codes.indices >= 0).all()
+        cpu = batch_omp(x * c, d, 5, backend="cpu")
+        assert (codes.indices.cpu() == cpu.indices).all(1).float().mean() >= 0.999

@@ -101,3 +101,42 @@ def test_checkpoint_key_is_shared_with_the_sparse_bottleneck():
     vq.quantize, dl.quantize = VectorQuantizer(16, 4), SparseDictBottleneck(16, 4, sparsity=2)
     dl.load_state_dict(vq.state_dict())  # a VQ checkpoint warm-starts the dictionary
     assert torch.equal(dl.quantize.embedding.weight, vq.quantize.embedding.weight)
+
+
+def test_ema_refuses_non_finite_latents_and_keeps_its_state(gen):
+    """A NaN or Inf latent is refused with a clear error (as SparseDictBottleneck refuses it) and the codebook and
+    EMA statistics stay as they were; the update itself also ignores such a batch (the path torch.compile takes,
+    where the value check is skipped)."""
+    q = VectorQuantizer(16, 4, ema=True).train()
+    q(torch.randn(2, 4, 3, 3, generator=gen))
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    for bad in (float("nan"), float("inf")):
+        z = torch.randn(2, 4, 3, 3, generator=gen)
+        z[1, 2, 0, 1] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            q(z)
+        sites = z.permute(0, 2, 3, 1).reshape(-1, 4)
+        q._ema_update(sites, torch.zeros(len(sites), dtype=torch.long))
+        for k, v in q.state_dict().items():
+            assert torch.equal(v, before[k]), f"{k} changed"
+    q(torch.randn(2, 4, 3, 3, generator=gen))  # a finite batch still updates
+    assert not torch.equal(q.embedding.weight, before["embedding.weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("ema", [False, True])
+def test_same_dtype_rules_as_the_sparse_bottleneck(gen, dtype, ema):
+    """Half types are quantized in float32 and float64 in float64, with outputs in z's dtype, like
+    SparseDictBottleneck; the codes equal those of the same values given in the compute dtype."""
+    q = VectorQuantizer(32, 4, ema=ema).eval()
+    with torch.no_grad():
+        q.embedding.weight.normal_(generator=gen)
+    z = torch.randn(2, 4, 5, 5, generator=gen).to(dtype)
+    z_q, loss, info = q(z)
+    assert z_q.dtype == dtype and loss.dtype == dtype and info.coeffs.dtype == dtype
+    _, _, ref = q(z.to(torch.float64 if dtype == torch.float64 else torch.float32))
+    assert torch.equal(info.indices, ref.indices)
+    if dtype == torch.float64 and not ema:
+        z64 = z.clone().requires_grad_()
+        q.train()(z64)[1].backward()
+        assert z64.grad.dtype == torch.float64 and q.embedding.weight.grad is not None

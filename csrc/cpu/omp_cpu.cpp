@@ -142,6 +142,16 @@ std::tuple<at::Tensor, at::Tensor> batch_omp_cpu(const at::Tensor& x, const at::
   return {indices, coeffs};
 }
 
-TORCH_LIBRARY_IMPL(lasers_ext, CPU, m) { m.impl("batch_omp", &batch_omp_cpu); }
+// dictionary (K, M), float32 or float64, CPU: (atoms_t, gram, inv_norm) as the CPU kernel codes against them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_dictionary_op_cpu(const at::Tensor& dictionary) {
+  check_dictionary(dictionary);
+  const PreparedDictionary d = prepare_dictionary_cpu(dictionary);
+  return {d.atoms_t, d.gram, d.inv_norm};
+}
+
+TORCH_LIBRARY_IMPL(lasers_ext, CPU, m) {
+  m.impl("batch_omp", &batch_omp_cpu);
+  m.impl("prepare_dictionary", &prepare_dictionary_op_cpu);
+}
 
 }  // namespace lasers

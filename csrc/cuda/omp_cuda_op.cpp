@@ -90,6 +90,19 @@ std::tuple<at::Tensor, at::Tensor> batch_omp_cuda(const at::Tensor& x, const at:
   return {indices, coeffs};
 }
 
-TORCH_LIBRARY_IMPL(lasers_ext, CUDA, m) { m.impl("batch_omp", &batch_omp_cuda); }
+// dictionary (K, M), float32 or float64, CUDA: (atoms_t, gram, inv_norm), the same numbers as on the CPU.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_dictionary_op_cuda(const at::Tensor& dictionary) {
+  check_dictionary(dictionary);
+  TORCH_CHECK(dictionary.size(0) <= 65535, message("prepare_dictionary (CUDA): K=", dictionary.size(0),
+                                                   " atoms is above the CUDA kernels' limit of 65535"));
+  const c10::cuda::CUDAGuard guard(dictionary.device());
+  const PreparedDictionary d = prepare_dictionary_cuda(dictionary);
+  return {d.atoms_t, d.gram, d.inv_norm};
+}
+
+TORCH_LIBRARY_IMPL(lasers_ext, CUDA, m) {
+  m.impl("batch_omp", &batch_omp_cuda);
+  m.impl("prepare_dictionary", &prepare_dictionary_op_cuda);
+}
 
 }  // namespace lasers
