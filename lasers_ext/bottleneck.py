@@ -8,12 +8,15 @@ straight-through estimator, and the loss adds ||sg[z] - z_hat||^2 and beta ||z -
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import batch_omp, gather_atoms, least_squares_backward, sparse_decode
+from .ops import BACKENDS, batch_omp, gather_atoms, least_squares_backward, sparse_decode
 
 __all__ = ["SparseDictBottleneck", "QuantizerInfo", "SparseCode", "usage_statistics", "resolve_sizes",
            "check_quantizer_call"]
@@ -35,6 +38,14 @@ def resolve_sizes(owner: str, n_e: int | None, e_dim: int | None, aliases: dict[
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     return sizes["n_e"], sizes["e_dim"]
+
+
+def check_quantizer_options(beta: object, legacy: object) -> None:
+    """Constructor checks both quantizers share: beta a finite number >= 0, legacy a bool."""
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    if not isinstance(legacy, bool):
+        raise TypeError(f"legacy must be True or False, got {legacy!r}")
 
 
 def check_quantizer_call(z: object, e_dim: int, temp, rescale_logits: bool, return_logits: bool) -> None:
@@ -63,6 +74,15 @@ class QuantizerInfo(tuple):
         for name, value in extra.items():
             setattr(info, name, value)
         return info
+
+    def __reduce__(self):
+        """Pickling and copy.deepcopy (Lightning and loggers copy outputs): the tuple and the extra fields."""
+        extra = {k: v for k, v in vars(self).items() if k not in ("perplexity", "indices")}
+        return _rebuild_quantizer_info, (tuple(self), extra)
+
+
+def _rebuild_quantizer_info(items: tuple, extra: dict) -> QuantizerInfo:
+    return QuantizerInfo(*items, **extra)
 
 
 class SparseCode(torch.autograd.Function):
@@ -190,6 +210,12 @@ class SparseDictBottleneck(nn.Module):
         if not 1 <= sparsity <= min(self.n_e, atom_dim):
             raise ValueError(f"sparsity must be in [1, min(n_e, atom dim)] = [1, {min(self.n_e, atom_dim)}], "
                              f"got {sparsity}")
+        check_quantizer_options(beta, legacy)
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real)
+                                or not (math.isfinite(tol) and tol >= 0)):
+            raise ValueError(f"tol must be None or a finite number >= 0, got {tol!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.beta, self.legacy, self.sane_index_shape = float(beta), bool(legacy), bool(sane_index_shape)
         self.remap, self.unknown_index = remap, unknown_index
         self.sparsity, self.tol, self.exact_gradient, self.backend = int(sparsity), tol, bool(exact_gradient), backend
@@ -305,21 +331,34 @@ class SparseDictBottleneck(nn.Module):
 
     def get_codebook_entry(self, indices: Tensor, shape: tuple[int, int, int, int] | None,
                            coeffs: Tensor | None = None) -> Tensor:
-        """Decodes codes to latents. ``indices``/``coeffs`` as returned in ``info`` (any layout with S last for
-        S > 1); ``shape`` is taming's (B, H, W, C) of the latent, giving (B, C, H, W), or None for (N, atom dim).
-        ``coeffs=None`` is allowed for S = 1 only and means coefficient 1 (the unit atom itself, like VQ)."""
+        """Decodes codes to latents. ``indices``/``coeffs`` as returned in ``info`` (any layout of sites, with S last
+        for S > 1); ``shape`` is taming's (B, H, W, C) of the latent, giving (B, C, H, W), or None for one decoded
+        site per code like taming: the sites' layout + (atom dim,). ``coeffs=None`` is allowed for S = 1 only and
+        means coefficient 1 (the unit atom itself, like VQ). Unlike a VQ index, a site's indices alone do not give its
+        latent when S > 1: the coefficients are part of the code."""
         s = self.sparsity
         if coeffs is None:
             if s != 1:
                 raise ValueError("coeffs are required to decode sparse codes with sparsity > 1")
             coeffs = torch.ones(indices.shape, dtype=self.embedding.weight.dtype, device=indices.device)
+        if coeffs.shape != indices.shape:
+            raise ValueError(f"indices and coeffs must have the same shape, got {tuple(indices.shape)} and "
+                             f"{tuple(coeffs.shape)}")
+        if s > 1 and (indices.dim() < 1 or indices.shape[-1] != s):
+            raise ValueError(f"indices must have the sparsity S={s} as their last dimension, got {tuple(indices.shape)}")
+        site_shape = indices.shape[:-1] if s > 1 else indices.shape
         idx, cf = indices.reshape(-1, s), coeffs.reshape(-1, s)
         sites = sparse_decode(idx, cf.to(self.embedding.weight.dtype), self.atoms())
         if shape is None:
-            return sites
+            return sites.reshape(*site_shape, sites.shape[-1])
         b, h, w, c = shape
-        if c != self.e_dim:
-            raise ValueError(f"shape must be (B, H, W, {self.e_dim}), got {tuple(shape)}")
+        ph, pw = self.patch_size
+        if c != self.e_dim or h % ph or w % pw:
+            raise ValueError(f"shape must be (B, H, W, {self.e_dim}) with H, W divisible by the patch size "
+                             f"{self.patch_size}, got {tuple(shape)}")
+        if idx.shape[0] != b * (h // ph) * (w // pw):
+            raise ValueError(f"shape {tuple(shape)} holds {b * (h // ph) * (w // pw)} coded sites but indices "
+                             f"{tuple(indices.shape)} hold {idx.shape[0]}")
         return self._from_sites(sites, b, h, w)
 
     embed_code = get_codebook_entry

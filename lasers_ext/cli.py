@@ -98,8 +98,13 @@ def _load_images(paths: list[Path], channels: int, multiple: tuple[int, int]) ->
     for path in paths:
         if not path.exists():
             raise FileNotFoundError(f"no image at {path}")
-        with Image.open(path) as im:
-            arrays.append(torch.from_numpy(np.array(im.convert("L" if channels == 1 else "RGB"))))
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory: give image files (PNG, JPEG, ...)")
+        try:
+            with Image.open(path) as im:
+                arrays.append(torch.from_numpy(np.array(im.convert("L" if channels == 1 else "RGB"))))
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"{path} is not an image that Pillow can read ({err})") from err
     mh, mw = multiple
     h = min(a.shape[0] for a in arrays) // mh * mh
     w = min(a.shape[1] for a in arrays) // mw * mw
@@ -126,6 +131,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
     with torch.no_grad():
         y = _to_image(model(_to_model(x))[0])
     out = args.out or args.run / "pictures" / "reconstruct.png"
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory: give the PNG file to write")
     plots.save_reconstruction_grid(x, {cfg.model: y}, out, max_images=len(x))
     for i, value in enumerate(metrics.psnr(x, y).tolist()):
         name = args.images[i] if args.images else f"test image {i}"

@@ -190,8 +190,8 @@ def _check_tensor(name: str, t: object) -> None:
 
 
 def _check_finite(name: str, t: Tensor) -> None:
-    if torch.compiler.is_compiling() or t.numel() == 0:
-        return  # value checks need the data; compiled graphs skip them
+    if torch.compiler.is_compiling() or t.numel() == 0 or t.device.type == "meta":
+        return  # value checks need the data; compiled graphs and meta tensors (shape inference) skip them
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf")
 
@@ -289,7 +289,8 @@ def sparse_decode(indices: Tensor, coeffs: Tensor, dictionary: Tensor) -> Tensor
         raise ValueError(f"dictionary must have shape (K, M), got {tuple(dictionary.shape)}")
     if not (indices.device == coeffs.device == dictionary.device):
         raise ValueError("indices, coeffs and dictionary must be on the same device")
+    dtype = torch.promote_types(coeffs.dtype, dictionary.dtype)
     valid = indices >= 0
-    atoms = dictionary[indices.clamp(min=0).long()]  # (..., S, M)
-    weights = torch.where(valid, coeffs, torch.zeros_like(coeffs))
+    atoms = dictionary.to(dtype)[indices.clamp(min=0).long()]  # (..., S, M)
+    weights = torch.where(valid, coeffs.to(dtype), torch.zeros((), dtype=dtype, device=coeffs.device))
     return (weights.unsqueeze(-2) @ atoms).squeeze(-2)

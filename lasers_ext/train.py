@@ -22,6 +22,7 @@ import os
 import random
 import sys
 import time
+import typing
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -145,11 +146,28 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
+        """A configuration from a dict (a --config file, a checkpoint): unknown keys and values of the wrong type
+        raise ValueError naming the key (an int is accepted for a float field)."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a configuration must be a JSON object of option values, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
-        return cls(**values)
+        hints = typing.get_type_hints(cls)
+        checked = {}
+        for name, value in values.items():
+            types = tuple(t for t in (typing.get_args(hints[name]) or (hints[name],)))
+            if value is None and type(None) in types:
+                checked[name] = value
+                continue
+            if float in types and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+                raise ValueError(f"configuration value {name}={value!r} must be {wanted}")
+            checked[name] = value
+        return cls(**checked)
 
 
 # ----------------------------------------------------------------------------------------------------------- pieces
@@ -198,6 +216,25 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+CHECKPOINT_FIELDS = ("config", "model", "opt", "step")
+
+
+def read_checkpoint(path: Path, device: torch.device | str) -> dict:
+    """The state saved by :func:`save_checkpoint` at ``path``. A file that cannot be read as one (empty, truncated,
+    not a checkpoint) raises ValueError naming it; nothing is changed on disk."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # torch.load raises EOFError, UnpicklingError, RuntimeError, OSError, ... by cause
+        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err}). It is damaged or was "
+                         "not written by `lasers train`; nothing was changed. Move it away (or restore it from a "
+                         "backup) to train this run directory afresh.") from err
+    missing = [f for f in CHECKPOINT_FIELDS if not isinstance(state, dict) or f not in state]
+    if missing:
+        raise ValueError(f"{path} is not a lasers checkpoint (missing {', '.join(missing)}); nothing was changed. "
+                         "Move it away to train this run directory afresh.")
+    return state
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -326,6 +363,8 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
                          f"number of processes ({ctx.world_size})")
     local_batch = cfg.batch_size // ctx.world_size
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a run directory (new or existing)")
     pictures = out / "pictures"
     if ctx.is_main:
         pictures.mkdir(parents=True, exist_ok=True)
@@ -346,7 +385,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
     step = 0
     ckpt_path = out / CHECKPOINT
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=ctx.device, weights_only=False)
+        state = read_checkpoint(ckpt_path, ctx.device)
         saved = TrainConfig.from_dict(state["config"])
         changed = [f for f in _ARCHITECTURE if getattr(saved, f) != getattr(cfg, f)]
         if state.get("channels", train_set.channels) != train_set.channels:
@@ -509,9 +548,11 @@ def load_run(run: str | Path, device: torch.device | str = "cpu") -> tuple[Train
     ckpt = Path(run) / CHECKPOINT
     if not ckpt.exists():
         raise FileNotFoundError(f"no checkpoint at {ckpt}: train a model into {run} first (lasers train --out {run})")
-    state = torch.load(ckpt, map_location=device, weights_only=False)
+    state = read_checkpoint(ckpt, device)
     cfg = TrainConfig.from_dict(state["config"])
-    channels = json.loads((Path(run) / "config.json").read_text())["notes"]["channels"]
+    channels = state.get("channels")
+    if channels is None:  # checkpoints written before the channels were stored in them
+        channels = json.loads((Path(run) / "config.json").read_text())["notes"]["channels"]
     model = build_model(cfg, channels).to(device)
     model.load_state_dict(state["model"])
     return cfg, model.eval(), state["step"]

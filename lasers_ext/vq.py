@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bottleneck import QuantizerInfo, check_quantizer_call, resolve_sizes, usage_statistics
+from .bottleneck import QuantizerInfo, check_quantizer_call, check_quantizer_options, resolve_sizes, usage_statistics
 
 __all__ = ["VectorQuantizer"]
 
@@ -54,6 +54,7 @@ class VectorQuantizer(nn.Module):
             raise NotImplementedError("VectorQuantizer does not support taming's index remapping (remap=None)")
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {decay}")
+        check_quantizer_options(beta, legacy)
         self.beta, self.legacy, self.sane_index_shape = float(beta), bool(legacy), bool(sane_index_shape)
         self.remap, self.unknown_index = remap, unknown_index
         self.ema, self.decay, self.eps = bool(ema), float(decay), float(eps)
@@ -128,10 +129,15 @@ class VectorQuantizer(nn.Module):
         self.embedding.weight.copy_(torch.where(ok, weight, self.embedding.weight))
 
     def get_codebook_entry(self, indices: Tensor, shape: tuple[int, int, int, int] | None) -> Tensor:
-        """taming's decode: codewords for ``indices``, as (B, C, H, W) for ``shape`` = (B, H, W, C), else (N, C)."""
-        z_q = self.embedding(indices.reshape(-1))
+        """taming's decode: codewords for ``indices``, as (B, C, H, W) for ``shape`` = (B, H, W, C), else
+        ``indices.shape + (C,)``."""
+        z_q = self.embedding(indices)
         if shape is None:
             return z_q
-        return z_q.view(shape).permute(0, 3, 1, 2).contiguous()
+        b, h, w, c = shape
+        if c != self.e_dim or indices.numel() != b * h * w:
+            raise ValueError(f"shape must be (B, H, W, {self.e_dim}) with B*H*W = {indices.numel()} indices, got "
+                             f"{tuple(shape)}")
+        return z_q.reshape(shape).permute(0, 3, 1, 2).contiguous()
 
     embed_code = get_codebook_entry

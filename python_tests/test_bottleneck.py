@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lasers_ext import SparseDictBottleneck, batch_omp, sparse_decode
+from lasers_ext import SparseDictBottleneck, VectorQuantizer, batch_omp, sparse_decode
 from lasers_ext.bottleneck import SparseCode, usage_statistics
 
 
@@ -293,3 +293,50 @@ def test_forward_argument_errors(cls):
         q([[1.0]])
     with pytest.raises(ValueError, match="GumbelQuantize"):
         q(torch.randn(2, 4, 4, 4), temp=0.5)
+
+
+# ---- API details (issue 11) -----------------------------------------------------------------------------------------
+def test_quantizer_info_deep_copies_and_pickles(gen):
+    import copy
+    import pickle
+
+    for q in (SparseDictBottleneck(16, 4, sparsity=2), VectorQuantizer(16, 4)):
+        _, _, info = q(torch.randn(2, 4, 3, 3, generator=gen))
+        for clone in (copy.deepcopy(info), pickle.loads(pickle.dumps(info))):
+            assert type(clone) is type(info) and len(clone) == 3 and clone[1] is None
+            assert torch.equal(clone[2], info[2]) and torch.equal(clone.indices, info.indices)
+            assert torch.equal(clone.coeffs, info.coeffs) and torch.equal(clone.perplexity, info.perplexity)
+            assert clone.active_atoms == info.active_atoms
+
+
+@pytest.mark.parametrize("kwargs", [dict(tol=-1.0), dict(tol=float("nan")), dict(backend="gpu"), dict(beta="x"),
+                                    dict(beta=-0.1), dict(beta=float("inf")), dict(legacy="yes")])
+def test_constructor_arguments_are_checked_when_built(kwargs):
+    with pytest.raises((ValueError, TypeError)):
+        SparseDictBottleneck(16, 4, **kwargs)
+    if "tol" not in kwargs and "backend" not in kwargs:
+        with pytest.raises((ValueError, TypeError)):
+            VectorQuantizer(16, 4, **kwargs)
+
+
+def test_get_codebook_entry_layouts_follow_taming(gen):
+    """shape=None: one decoded latent per site in the indices' own layout (taming's indices.shape + (C,), the S
+    dimension of sparse codes excluded); a shape that does not hold the codes is a clear error."""
+    q = SparseDictBottleneck(16, 4, sparsity=2, sane_index_shape=True)
+    z = torch.randn(2, 4, 3, 5, generator=gen)
+    z_q, _, info = q.eval()(z)
+    assert info.indices.shape == (2, 3, 5, 2)
+    sites = q.get_codebook_entry(info.indices, None, info.coeffs)
+    assert sites.shape == (2, 3, 5, 4)
+    torch.testing.assert_close(sites.permute(0, 3, 1, 2), z_q)
+    torch.testing.assert_close(q.get_codebook_entry(info.indices, (2, 3, 5, 4), info.coeffs), z_q)
+    with pytest.raises(ValueError, match="coded sites"):
+        q.get_codebook_entry(info.indices, (1, 3, 5, 4), info.coeffs)
+    with pytest.raises(ValueError, match="same shape"):
+        q.get_codebook_entry(info.indices, None, info.coeffs[..., :1])
+    vq = VectorQuantizer(16, 4, sane_index_shape=True)
+    z_q, _, info = vq.eval()(z)
+    assert vq.get_codebook_entry(info.indices, None).shape == (2, 3, 5, 4)
+    torch.testing.assert_close(vq.get_codebook_entry(info.indices, (2, 3, 5, 4)), z_q)
+    with pytest.raises(ValueError, match="B\\*H\\*W"):
+        vq.get_codebook_entry(info.indices, (2, 3, 3, 4))

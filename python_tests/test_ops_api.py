@@ -231,3 +231,33 @@ def test_raw_op_gives_non_finite_rows_unused_slots():
         keep = torch.ones(40, dtype=torch.bool)
         keep[1:4] = False
         assert torch.equal(idx[keep], expected.indices[keep]) and torch.equal(coef[keep], expected.coeffs[keep])
+
+
+def test_meta_tensors_give_output_shapes():
+    x, d = torch.empty(5, 4, device="meta"), torch.empty(6, 4, device="meta")
+    codes = batch_omp(x, d, 2)
+    assert codes.indices.shape == (5, 2) and codes.indices.dtype == torch.int64 and codes.coeffs.device.type == "meta"
+
+
+def test_argument_errors_survive_torch_compile():
+    """Argument checks run while Dynamo traces: the ValueError itself without fullgraph, and with fullgraph=True
+    Dynamo's error carrying the same message (fullgraph cannot contain a raise)."""
+    x, d = torch.randn(3, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        torch.compile(lambda a, b: batch_omp(a, b, 5), backend="eager")(x, d)
+    with pytest.raises(Exception, match="sparsity must be in"):
+        torch.compile(lambda a, b: batch_omp(a, b, 5), backend="eager", fullgraph=True)(x, d)
+
+
+@pytest.mark.parametrize(("coeff_dtype", "dict_dtype", "expected"), [
+    (torch.float16, torch.float32, torch.float32), (torch.float32, torch.float16, torch.float32),
+    (torch.bfloat16, torch.float64, torch.float64), (torch.float16, torch.float16, torch.float16)])
+def test_sparse_decode_promotes_dtypes(coeff_dtype, dict_dtype, expected):
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(6, 4, generator=g)
+    idx = torch.tensor([[0, 3], [5, -1]])
+    coef = torch.tensor([[0.5, -2.0], [1.5, 7.0]])
+    out = sparse_decode(idx, coef.to(coeff_dtype), d.to(dict_dtype))
+    assert out.dtype == expected
+    want = torch.stack([0.5 * d[0] - 2.0 * d[3], 1.5 * d[5]])
+    torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)

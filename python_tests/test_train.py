@@ -10,6 +10,7 @@ one permutation); the files every command promises, read back with json, torch.l
 import dataclasses
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -584,3 +585,51 @@ def test_cli_reconstruct_image_files(cli_run, tmp_path, capsys, gen):
     lines = out.splitlines()
     assert lines[:2] == [f"{path}: PSNR {value:.2f} dB" for path, value in zip(paths, expected)]
     assert lines[2] == f"wrote {out_png} (dl-vae, step 6)"
+
+
+# ------------------------------------------------------------------------- damaged files and wrong paths (issue 11)
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "not-a-checkpoint"])
+def test_unreadable_checkpoint_is_a_clear_error_and_stays_untouched(cli_run, tmp_path, capsys, damage):
+    """eval, reconstruct and train on a run whose checkpoint.pt is empty, truncated, garbage or some other pickle:
+    exit code 2 and a message naming the file and what to do, and the file is left as it was."""
+    run = _copy_run(cli_run, tmp_path)
+    ckpt = run / CHECKPOINT
+    good = ckpt.read_bytes()
+    if damage == "not-a-checkpoint":
+        torch.save({"weights": torch.zeros(3)}, ckpt)
+    else:
+        ckpt.write_bytes({"empty": b"", "truncated": good[: len(good) // 2], "garbage": os.urandom(4096)}[damage])
+    before = ckpt.read_bytes()
+    for argv in (["eval", str(run)], ["reconstruct", str(run)],
+                 ["train", "--config", str(run / "config.json"), "--out", str(run)]):
+        code, _, err = _run_main(argv, capsys)
+        assert code == 2, argv
+        assert str(ckpt) in err and ("not a readable checkpoint" in err or "not a lasers checkpoint" in err), err
+        assert "Move it away" in err
+    assert ckpt.read_bytes() == before
+
+
+def test_out_and_image_paths_of_the_wrong_kind_are_clear_errors(cli_run, tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    code, _, err = _run_main(["train", *_flags(**{**TINY, "steps": 1}), "--out", str(a_file)], capsys)
+    assert code == 2 and "is a file" in err and a_file.read_text() == "not a directory"
+    run = cli_run[0]
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("plain text")
+    for path, message in ((tmp_path, "is a directory"), (not_image, "not an image")):
+        code, _, err = _run_main(["reconstruct", str(run), str(path)], capsys)
+        assert code == 2 and message in err and str(path) in err
+    code, _, err = _run_main(["reconstruct", str(run), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "is a directory" in err
+
+
+@pytest.mark.parametrize(("values", "key"), [({"steps": "ten"}, "steps"), ({"lr": "fast"}, "lr"),
+                                              ({"amp": 1}, "amp"), ({"batch_size": 2.5}, "batch_size"),
+                                              ({"disc_lr": [1]}, "disc_lr")])
+def test_config_values_of_the_wrong_type_are_clear_errors(tmp_path, capsys, values, key):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(values))
+    code, _, err = _run_main(["train", "--config", str(config), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and f"configuration value {key}=" in err
+    assert TrainConfig.from_dict({"lr": 1}).lr == 1.0  # an int is a valid float
