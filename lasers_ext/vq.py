@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bottleneck import QuantizerInfo, check_quantizer_call, check_quantizer_options, resolve_sizes, usage_statistics
+from .quantizer import (QuantizerInfo, check_quantizer_call, check_quantizer_options, codebook_loss, resolve_sizes,
+                        usage_statistics)
 
 __all__ = ["VectorQuantizer"]
 
@@ -92,12 +93,10 @@ class VectorQuantizer(nn.Module):
             z_q = F.embedding(indices, weight)
             if self.ema and self.training:  # after z_q: this step quantizes with the codebook it was given
                 self._ema_update(z_sites.detach(), indices)
-            if self.ema:
+            if self.ema:  # the codebook learns by moving averages: the commitment term alone
                 loss = self.beta * ((z_q.detach() - z_sites) ** 2).mean()
-            elif self.legacy:
-                loss = ((z_q.detach() - z_sites) ** 2).mean() + self.beta * ((z_q - z_sites.detach()) ** 2).mean()
             else:
-                loss = self.beta * ((z_q.detach() - z_sites) ** 2).mean() + ((z_q - z_sites.detach()) ** 2).mean()
+                loss = codebook_loss(z_q, z_sites, self.beta, self.legacy)
             z_q = z_sites + (z_q - z_sites).detach()
         z_q = z_q.reshape(b, h, w, self.e_dim).permute(0, 3, 1, 2).contiguous().to(z.dtype)
         ones = torch.ones_like(indices, dtype=z.dtype)

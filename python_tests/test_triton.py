@@ -102,3 +102,12 @@ def test_triton_errors(monkeypatch):
 def test_cuda_backend_order():
     expected = (["cuda"] if "CUDA" in ops._COMPILED_KERNELS else []) + (["triton"] if ops._HAS_TRITON else [])
     assert lasers_ext.available_backends("cuda") == expected + ["reference"]
+
+
+@needs_triton
+def test_empty_batch(gen):
+    """N = 0 returns empty (0, S) outputs, as the docs promise for every backend."""
+    _, d = random_problem(gen, 1, 16, 32)
+    codes = batch_omp(torch.zeros(0, 16, device=DEVICE), d.to(DEVICE), 3, backend="triton")
+    assert codes.indices.shape == (0, 3) and codes.coeffs.shape == (0, 3)
+    assert codes.indices.dtype == torch.int64 and codes.coeffs.dtype == torch.float32
