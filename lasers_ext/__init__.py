@@ -14,7 +14,8 @@ lasers_ext.metrics, lasers_ext.plots, lasers_ext.cli (the ``lasers`` command), l
 from .bottleneck import SparseDictBottleneck
 from .quantizer import QuantizerInfo
 from .models import Autoencoder, PatchDiscriminator, build_autoencoder
-from .ops import BACKENDS, SparseCodes, available_backends, batch_omp, sparse_decode
+from .backends import BACKENDS, available_backends
+from .ops import SparseCodes, batch_omp, sparse_decode
 from .vq import VectorQuantizer
 
 __all__ = ["BACKENDS", "Autoencoder", "PatchDiscriminator", "QuantizerInfo", "SparseCodes", "SparseDictBottleneck",

@@ -33,7 +33,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .ops import available_backends, batch_omp
+from .backends import available_backends
+from .ops import batch_omp
 
 SLOW_CPU = {"sklearn", "naive-torch", "omp-gpu", "reference"}
 SLOW_GPU = {"sklearn"}

@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import BACKENDS, batch_omp, gather_atoms, least_squares_backward, sparse_decode
+from .backends import BACKENDS
+from .ops import batch_omp, gather_atoms, least_squares_backward, sparse_decode
 from .quantizer import (QuantizerInfo, check_quantizer_call, check_quantizer_options, codebook_loss, resolve_sizes,
                         usage_statistics)
 

@@ -13,31 +13,18 @@ least-squares coefficients on the chosen support (the support itself is piecewis
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import numbers
-import os
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from .backends import resolve_backend
 from .reference import batch_omp_reference
 
-try:
-    from . import _C  # noqa: F401  (loads the compiled library: registers lasers_ext::batch_omp and its kernels)
-except ImportError as err:
-    raise ImportError(
-        f"lasers_ext's compiled extension could not be loaded ({err}). It must be built against the torch that "
-        f"imports it (torch {torch.__version__} here): reinstall with `pip install --no-build-isolation .` "
-        "after installing torch, or run `bash scripts/env.sh ...` from the repository."
-    ) from err
 
-__all__ = ["SparseCodes", "batch_omp", "sparse_decode", "available_backends", "gather_atoms",
-           "least_squares_backward", "BACKENDS"]
-
-BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
-
+__all__ = ["SparseCodes", "batch_omp", "sparse_decode", "gather_atoms", "least_squares_backward"]
 
 class SparseCodes(NamedTuple):
     """Sparse codes of N vectors with S slots each.
@@ -131,54 +118,6 @@ def _prepare_fake(dictionary: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return dictionary.new_empty((m, k)), dictionary.new_empty((k, k)), dictionary.new_empty((k,))
 
 
-def _has_kernel(op: str, dispatch_key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
-
-
-# Read once at import: neither query is traceable by torch.compile.
-_COMPILED_KERNELS = frozenset(key for key in ("CPU", "CUDA") if _has_kernel("lasers_ext::batch_omp", key))
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def triton_interpreting() -> bool:
-    """Whether Triton runs its CPU interpreter (TRITON_INTERPRET=1), which takes CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can code tensors on ``device`` in this installation, fastest first."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return ["cpu", "reference"] if "CPU" in _COMPILED_KERNELS else ["reference"]
-    if device.type == "cuda":
-        return (["cuda"] if "CUDA" in _COMPILED_KERNELS else []) + (["triton"] if _HAS_TRITON else []) + ["reference"]
-    return ["reference"]
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return available_backends(device)[0]
-    if backend == "triton":
-        if not _HAS_TRITON:
-            raise ImportError("backend='triton' needs the 'triton' package (pip install triton)")
-        if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
-            raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device} "
-                             "(TRITON_INTERPRET=1 runs Triton's interpreter on CPU tensors, for testing)")
-    if backend == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
-        if "CUDA" not in _COMPILED_KERNELS:
-            raise RuntimeError(
-                "backend='cuda': this lasers_ext was built without CUDA kernels "
-                "(rebuild with a CUDA torch and nvcc, LASERS_EXT_CUDA=1 makes that a hard requirement)"
-            )
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
-    return backend
-
-
 def _check_tensor(name: str, t: object) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -254,7 +193,7 @@ def batch_omp(
     power of two (exactly), so any finite input of the dtype is coded, from subnormal to near-overflow values.
     """
     _check_args(x, dictionary, sparsity, tol)
-    name = _resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device)
     op = {"reference": torch.ops.lasers_ext.batch_omp_reference,
           "triton": torch.ops.lasers_ext.batch_omp_triton}.get(name, torch.ops.lasers_ext.batch_omp)
     tol = None if tol is None else float(tol)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .ops import triton_interpreting
+from .backends import triton_interpreting
 
 __all__ = ["batch_omp_triton"]
 

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lasers_ext
+from lasers_ext import backends
 from lasers_ext import batch_omp, sparse_decode
 from lasers_ext.reference import batch_omp_reference
 
@@ -316,7 +317,7 @@ def test_property_kernels_match_reference(n, m, k, data, dtype, seed, use_tol):
 
 # the CPU kernel, the float64 reference and, under Triton's interpreter (conftest.py), the Triton kernel
 BACKENDS_HERE = lasers_ext.available_backends("cpu") + (
-    ["triton"] if lasers_ext.ops._HAS_TRITON and lasers_ext.ops.triton_interpreting() else [])
+    ["triton"] if backends.HAS_TRITON and backends.triton_interpreting() else [])
 RAW_OPS = {"cpu": "batch_omp", "reference": "batch_omp_reference", "triton": "batch_omp_triton"}
 
 

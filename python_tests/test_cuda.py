@@ -10,12 +10,12 @@ import torch
 from conftest import random_problem
 from test_batch_omp import assert_matches_reference, share_matching_cpu_kernel
 
-from lasers_ext import SparseCodes, batch_omp, ops
+from lasers_ext import SparseCodes, backends, batch_omp
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-    pytest.mark.skipif("CUDA" not in ops._COMPILED_KERNELS, reason="lasers_ext was built without the CUDA kernel"),
+    pytest.mark.skipif(not backends.WITH_CUDA, reason="lasers_ext was built without the CUDA kernel"),
 ]
 
 # (K, M, S): the paper's shape, S = 1, S = M, patch-coded M, large K, large S
@@ -115,7 +115,7 @@ def test_side_stream_and_half_inputs(gen):
 
 
 def test_auto_picks_cuda_and_compiles(gen):
-    assert ops.available_backends("cuda")[0] == "cuda"
+    assert backends.available_backends("cuda")[0] == "cuda"
     x, d = random_problem(gen, 1000, 16, 512)
     x, d = x.cuda(), d.cuda()
 

@@ -9,9 +9,9 @@ from conftest import random_problem
 from test_batch_omp import assert_matches_reference, share_matching_cpu_kernel
 
 import lasers_ext
-from lasers_ext import batch_omp, ops
+from lasers_ext import backends, batch_omp
 
-needs_triton = pytest.mark.skipif(not ops._HAS_TRITON, reason="triton is not installed")
+needs_triton = pytest.mark.skipif(not backends.HAS_TRITON, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -22,7 +22,7 @@ def triton_codes(x, d, s, tol=None):
 
 def test_triton_present_where_expected():
     if os.environ.get("LASERS_EXPECT_TRITON") == "1":  # set by .ci/run
-        assert ops._HAS_TRITON, "CI expects triton (it comes with the CUDA build of torch)"
+        assert backends.HAS_TRITON, "CI expects triton (it comes with the CUDA build of torch)"
 
 
 def assert_same_as_cpu_kernel(x, d, s, tol=None):
@@ -94,13 +94,13 @@ def test_triton_errors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         batch_omp(x, d, 2, backend="triton")
-    monkeypatch.setattr(ops, "_HAS_TRITON", False)
+    monkeypatch.setattr(backends, "HAS_TRITON", False)
     with pytest.raises(ImportError, match="needs the 'triton' package"):
         batch_omp(x, d, 2, backend="triton")
 
 
 def test_cuda_backend_order():
-    expected = (["cuda"] if "CUDA" in ops._COMPILED_KERNELS else []) + (["triton"] if ops._HAS_TRITON else [])
+    expected = (["cuda"] if backends.WITH_CUDA else []) + (["triton"] if backends.HAS_TRITON else [])
     assert lasers_ext.available_backends("cuda") == expected + ["reference"]
 
 
