@@ -7,10 +7,12 @@ import torch
 from conftest import random_problem
 
 import lasers_ext
-from lasers_ext import batch_omp, sparse_decode
+from lasers_ext import backends, batch_omp, sparse_decode
 
 KERNELS = [b for b in lasers_ext.available_backends("cpu") if b != "reference"]
 OPS = [torch.ops.lasers_ext.batch_omp.default, torch.ops.lasers_ext.batch_omp_reference.default]
+if backends.HAS_TRITON and backends.triton_interpreting():  # Triton's interpreter takes CPU tensors
+    OPS.append(torch.ops.lasers_ext.batch_omp_triton.default)
 
 
 @pytest.mark.parametrize(
@@ -75,7 +77,7 @@ def test_cuda_registration_matches_build():
         assert _C.with_cuda
 
 
-@pytest.mark.parametrize("op", OPS, ids=["batch_omp", "batch_omp_reference"])
+@pytest.mark.parametrize("op", OPS, ids=[op.name() for op in OPS])
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(gen, op, requires_grad):
     x, d = random_problem(gen, 12, 8, 20, torch.float64)
@@ -88,6 +90,24 @@ def test_opcheck(gen, op, requires_grad):
     for x_, d_, s, tol in samples:
         args = (x_.clone().requires_grad_(requires_grad), d_.clone().requires_grad_(requires_grad), s, tol)
         torch.library.opcheck(op, args, test_utils=utils)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prepare_dictionary_op(gen, dtype):
+    """The dictionary as the compiled backends code against it: opcheck, and the values against float64 math."""
+    _, d = random_problem(gen, 1, 8, 20, dtype, normalise=False)
+    d[3] = 0  # a zero atom: zero column, zero Gram row, inverse norm 0
+    torch.library.opcheck(torch.ops.lasers_ext.prepare_dictionary.default, (d,),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    atoms_t, gram, inv_norm = torch.ops.lasers_ext.prepare_dictionary(d)
+    d64 = d.double()
+    norms = d64.norm(dim=1)
+    unit = torch.where(norms[:, None] > 0, d64 / norms.clamp_min(1e-300)[:, None], 0.0)
+    tol = dict(rtol=2e-7, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(atoms_t.double(), unit.T, **tol)
+    torch.testing.assert_close(gram.double(), unit @ unit.T, **tol)
+    torch.testing.assert_close(inv_norm.double(), torch.where(norms > 0, 1 / norms.clamp_min(1e-300), 0.0), **tol)
+    assert torch.equal(gram, gram.T)  # exactly symmetric: the CUDA fast path reads G[I_r, j] for G[j, I_r]
 
 
 @pytest.mark.parametrize("backend", KERNELS + ["reference"])
