@@ -77,7 +77,8 @@ def bench_lines(result: dict) -> list[str]:
     ns = sorted({r["N"] for r in rows})
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     by = {(r["impl"], r["N"]): r for r in rows}
-    out = ["| implementation | " + " | ".join(f"N={n:,}" for n in ns) + " | x best batched-PyTorch anchor (largest N) |",
+    columns = " | ".join(f"N={n:,}" for n in ns)
+    out = [f"| implementation | {columns} | x best batched-PyTorch anchor (largest N) |",
            "|---|" + "---|" * (len(ns) + 1)]
     for impl in impls:
         cells = []

@@ -11,11 +11,11 @@ Submodules imported on demand: lasers_ext.train (TrainConfig, train, evaluate, c
 lasers_ext.metrics, lasers_ext.plots, lasers_ext.cli (the ``lasers`` command), lasers_ext.benchmark.
 """
 
-from .bottleneck import SparseDictBottleneck
-from .quantizer import QuantizerInfo
-from .models import Autoencoder, PatchDiscriminator, build_autoencoder
 from .backends import BACKENDS, available_backends
+from .bottleneck import SparseDictBottleneck
+from .models import Autoencoder, PatchDiscriminator, build_autoencoder
 from .ops import SparseCodes, batch_omp, sparse_decode
+from .quantizer import QuantizerInfo
 from .vq import VectorQuantizer
 
 __all__ = ["BACKENDS", "Autoencoder", "PatchDiscriminator", "QuantizerInfo", "SparseCodes", "SparseDictBottleneck",

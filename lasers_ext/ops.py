@@ -23,7 +23,6 @@ from torch import Tensor
 from .backends import resolve_backend
 from .reference import batch_omp_reference
 
-
 __all__ = ["SparseCodes", "batch_omp", "sparse_decode", "gather_atoms", "least_squares_backward"]
 
 class SparseCodes(NamedTuple):

@@ -38,7 +38,7 @@ from . import distributed, metrics, plots
 from .data import build_dataset
 from .models import Autoencoder, GANLoss, PatchDiscriminator, ReconstructionLoss, build_autoencoder
 
-__all__ = ["MODELS", "TrainConfig", "train", "evaluate", "evaluate_run", "compare", "load_run",
+__all__ = ["MODELS", "TrainConfig", "TrainState", "train", "evaluate", "evaluate_run", "compare", "load_run",
            "format_results_table"]
 
 MODELS = ("dl-vae", "dl-gan", "vq-vae", "vq-gan")
@@ -241,6 +241,77 @@ def save_checkpoint(path: Path, state: dict) -> None:
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+@dataclasses.dataclass
+class TrainState:
+    """What a checkpoint holds, in one definition for saving, resuming and loading a run: the configuration, the
+    image channels, the autoencoder and its optimiser, the GAN loss (discriminator) and its optimiser for GAN models,
+    the step, and (in the file) the RNG states."""
+
+    cfg: TrainConfig
+    channels: int
+    model: Autoencoder
+    opt: torch.optim.Optimizer | None = None
+    gan: GANLoss | None = None
+    opt_d: torch.optim.Optimizer | None = None
+    step: int = 0
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, channels: int, device: torch.device) -> TrainState:
+        """A fresh state for training: weights drawn from the current torch RNG, step 0."""
+        model = build_model(cfg, channels).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        gan = opt_d = None
+        if cfg.gan:
+            gan = GANLoss(PatchDiscriminator(channels, cfg.ndf, cfg.disc_layers), cfg.disc_start,
+                          cfg.disc_weight).to(device)
+            opt_d = torch.optim.Adam(gan.parameters(), lr=cfg.disc_lr or cfg.lr, betas=(0.5, 0.9))
+        return cls(cfg, channels, model, opt, gan, opt_d)
+
+    def save(self, path: Path, world_size: int) -> None:
+        """Writes the checkpoint atomically (see save_checkpoint)."""
+        gan_state = None
+        if self.gan is not None:  # the discriminator's keys without DDP's "module." level
+            gan_state = {k.replace("discriminator.module.", "discriminator."): v
+                         for k, v in self.gan.state_dict().items()}
+        save_checkpoint(path, {
+            "config": self.cfg.to_dict(), "channels": self.channels, "step": self.step,
+            "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+            "gan": gan_state, "opt_d": self.opt_d.state_dict() if self.opt_d is not None else None,
+            "rng": _rng_state(), "world_size": world_size})
+
+    def resume(self, path: Path, device: torch.device) -> None:
+        """Loads the checkpoint at ``path`` into this state (models, optimisers, step, RNG states); ValueError if it
+        was trained with another architecture or number of image channels."""
+        saved = read_checkpoint(path, device)
+        old = TrainConfig.from_dict(saved["config"])
+        changed = [f for f in _ARCHITECTURE if getattr(old, f) != getattr(self.cfg, f)]
+        if saved.get("channels", self.channels) != self.channels:
+            changed.append(f"image channels ({saved['channels']}, now {self.channels}: see --gray and --data)")
+        if changed:
+            raise ValueError(f"{path} was trained with other {', '.join(changed)}; use another --out or the same "
+                             "settings to resume")
+        self.model.load_state_dict(saved["model"])
+        self.opt.load_state_dict(saved["opt"])
+        if self.gan is not None:
+            self.gan.load_state_dict(saved["gan"])
+            self.opt_d.load_state_dict(saved["opt_d"])
+        self.step = saved["step"]
+        _set_rng_state(saved["rng"])
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device | str, fallback_channels: int | None = None) -> TrainState:
+        """The model of the checkpoint at ``path`` with its configuration and step, for evaluation (no optimisers).
+        ``fallback_channels`` serves checkpoints written before the channels were stored in them."""
+        saved = read_checkpoint(path, device)
+        cfg = TrainConfig.from_dict(saved["config"])
+        channels = saved.get("channels", fallback_channels)
+        if channels is None:
+            raise ValueError(f"{path} does not say how many image channels its model takes")
+        model = build_model(cfg, channels).to(device)
+        model.load_state_dict(saved["model"])
+        return cls(cfg, channels, model.eval(), step=saved["step"])
+
+
 def _write_json(path: Path, obj) -> None:
     _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
@@ -372,34 +443,14 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
 
     _seed_everything(cfg.seed)
     train_set, test_set = _dataset(cfg, "train"), _dataset(cfg, "test")
-    model = build_model(cfg, train_set.channels).to(ctx.device)
+    state = TrainState.build(cfg, train_set.channels, ctx.device)
+    model, gan = state.model, state.gan
     perceptual, loss_note = _perceptual(cfg, ctx.device)
     rec_loss_fn = ReconstructionLoss(cfg.eta, perceptual)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    gan = opt_d = None
-    if cfg.gan:
-        gan = GANLoss(PatchDiscriminator(train_set.channels, cfg.ndf, cfg.disc_layers), cfg.disc_start,
-                      cfg.disc_weight).to(ctx.device)
-        opt_d = torch.optim.Adam(gan.parameters(), lr=cfg.disc_lr or cfg.lr, betas=(0.5, 0.9))
-
-    step = 0
     ckpt_path = out / CHECKPOINT
     if ckpt_path.exists():
-        state = read_checkpoint(ckpt_path, ctx.device)
-        saved = TrainConfig.from_dict(state["config"])
-        changed = [f for f in _ARCHITECTURE if getattr(saved, f) != getattr(cfg, f)]
-        if state.get("channels", train_set.channels) != train_set.channels:
-            changed.append(f"image channels ({state['channels']}, now {train_set.channels}: see --gray and --data)")
-        if changed:
-            raise ValueError(f"{ckpt_path} was trained with other {', '.join(changed)}; use another --out or the "
-                             "same settings to resume")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        if gan is not None:
-            gan.load_state_dict(state["gan"])
-            opt_d.load_state_dict(state["opt_d"])
-        step = state["step"]
-        _set_rng_state(state["rng"])
+        state.resume(ckpt_path, ctx.device)
+    step = state.step
     if ctx.is_main:
         if step:
             _truncate_records(out / "metrics.jsonl", step)
@@ -431,14 +482,8 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
 
     def checkpoint() -> None:
         if ctx.is_main:
-            gan_state = None
-            if gan is not None:
-                gan_state = {k.replace("discriminator.module.", "discriminator."): v
-                             for k, v in gan.state_dict().items()}
-            save_checkpoint(ckpt_path, {
-                "config": cfg.to_dict(), "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
-                "gan": gan_state, "opt_d": opt_d.state_dict() if opt_d is not None else None, "rng": _rng_state(),
-                "world_size": ctx.world_size, "channels": train_set.channels})
+            state.step = step
+            state.save(ckpt_path, ctx.world_size)
         distributed.barrier(ctx)
 
     def run_eval(fid_images: int = 0, progress: bool = False) -> dict:
@@ -459,28 +504,8 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
         train_set.set_epoch(epoch)
         for x in loader:
             x = _to_model(x.to(ctx.device, non_blocking=True))
-            with autocast:
-                x_rec, q_loss, info = net(x)
-            x_rec = x_rec.float()
-            rec = rec_loss_fn(x, x_rec)
-            loss = rec + q_loss.float()
-            codes = info.indices.detach().reshape(-1)
+            stats, codes = _train_step(state, net, x, step, rec_loss_fn, autocast)
             usage.index_add_(0, codes.clamp(min=0), (codes >= 0).to(usage.dtype))  # no host sync
-            stats = {"loss": loss.detach(), "rec_loss": rec.detach(), "q_loss": q_loss.detach().float(),
-                     "psnr": metrics.psnr(_to_image(x), _to_image(x_rec.detach())).clamp(max=100).mean()}
-            if gan is not None:
-                g_term, g_stats = gan.generator_loss(rec, x_rec, model.last_layer, step)
-                loss = loss + g_term
-                stats.update(g_stats)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if gan is not None and gan.active(step):
-                opt_d.zero_grad(set_to_none=True)
-                d_loss, d_stats = gan.discriminator_loss(x, x_rec, step)
-                d_loss.backward()
-                opt_d.step()
-                stats.update(d_stats)
             step += 1
             for k, v in stats.items():
                 window.setdefault(k, []).append(v.detach().float())
@@ -517,6 +542,35 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
     return final
 
 
+def _train_step(state: TrainState, net: nn.Module, x: Tensor, step: int, rec_loss_fn: ReconstructionLoss,
+                autocast) -> tuple[dict[str, Tensor], Tensor]:
+    """One optimiser step of the autoencoder on the batch x (B, C, H, W) in [-1, 1], and of the discriminator for
+    GAN models once it is active; ``net`` is the model or its DDP wrapper. Returns the step's statistics (0-dim
+    tensors, no host sync) and its codes (flattened indices, -1 for unused slots)."""
+    with autocast:
+        x_rec, q_loss, info = net(x)
+    x_rec = x_rec.float()
+    rec = rec_loss_fn(x, x_rec)
+    loss = rec + q_loss.float()
+    stats = {"loss": loss.detach(), "rec_loss": rec.detach(), "q_loss": q_loss.detach().float(),
+             "psnr": metrics.psnr(_to_image(x), _to_image(x_rec.detach())).clamp(max=100).mean()}
+    gan = state.gan
+    if gan is not None:
+        g_term, g_stats = gan.generator_loss(rec, x_rec, state.model.last_layer, step)
+        loss = loss + g_term
+        stats.update(g_stats)
+    state.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    state.opt.step()
+    if gan is not None and gan.active(step):
+        state.opt_d.zero_grad(set_to_none=True)
+        d_loss, d_stats = gan.discriminator_loss(x, x_rec, step)
+        d_loss.backward()
+        state.opt_d.step()
+        stats.update(d_stats)
+    return stats, info.indices.detach().reshape(-1)
+
+
 def _picture_batch(test_set, count: int = 8) -> Tensor:
     """``count`` test images spread evenly over the test split (B, C, H, W)."""
     picks = torch.linspace(0, len(test_set) - 1, min(count, len(test_set))).round().long().unique()
@@ -548,14 +602,10 @@ def load_run(run: str | Path, device: torch.device | str = "cpu") -> tuple[Train
     ckpt = Path(run) / CHECKPOINT
     if not ckpt.exists():
         raise FileNotFoundError(f"no checkpoint at {ckpt}: train a model into {run} first (lasers train --out {run})")
-    state = read_checkpoint(ckpt, device)
-    cfg = TrainConfig.from_dict(state["config"])
-    channels = state.get("channels")
-    if channels is None:  # checkpoints written before the channels were stored in them
-        channels = json.loads((Path(run) / "config.json").read_text())["notes"]["channels"]
-    model = build_model(cfg, channels).to(device)
-    model.load_state_dict(state["model"])
-    return cfg, model.eval(), state["step"]
+    config_json = Path(run) / "config.json"  # only for checkpoints that predate the stored channels
+    fallback = json.loads(config_json.read_text())["notes"]["channels"] if config_json.exists() else None
+    state = TrainState.load(ckpt, device, fallback)
+    return state.cfg, state.model, state.step
 
 
 def evaluate_run(run: str | Path, *, device: str = "auto", max_images: int | None = None,

@@ -13,8 +13,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .quantizer import (QuantizerInfo, check_quantizer_call, check_quantizer_options, codebook_loss, resolve_sizes,
-                        usage_statistics)
+from .quantizer import (
+    QuantizerInfo,
+    check_quantizer_call,
+    check_quantizer_options,
+    codebook_loss,
+    resolve_sizes,
+    usage_statistics,
+)
 
 __all__ = ["VectorQuantizer"]
 

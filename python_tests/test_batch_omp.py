@@ -8,8 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lasers_ext
-from lasers_ext import backends
-from lasers_ext import batch_omp, sparse_decode
+from lasers_ext import backends, batch_omp, sparse_decode
 from lasers_ext.reference import batch_omp_reference
 
 KERNELS = [b for b in lasers_ext.available_backends("cpu") if b != "reference"]
