@@ -7,8 +7,7 @@ the compiled kernel."""
 
 import pytest
 import torch
-from conftest import random_problem
-from test_batch_omp import assert_matches_reference, share_matching_cpu_kernel
+from conftest import assert_matches_reference, random_problem, share_matching_cpu_kernel
 
 from lasers_ext import SparseCodes, backends, batch_omp
 

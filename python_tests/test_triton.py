@@ -5,8 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import random_problem
-from test_batch_omp import assert_matches_reference, share_matching_cpu_kernel
+from conftest import assert_matches_reference, random_problem, share_matching_cpu_kernel
 
 import lasers_ext
 from lasers_ext import backends, batch_omp
