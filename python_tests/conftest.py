@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import random
 import zlib
@@ -12,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import lasers_ext  # noqa: E402  (after TRITON_INTERPRET is chosen)
-from lasers_ext import batch_omp  # noqa: E402
+from lasers_ext import backends, batch_omp  # noqa: E402
 from lasers_ext.reference import batch_omp_reference  # noqa: E402
 
 # Fresh inputs on every run; LASERS_TEST_SEED=<n> (printed in the header) replays a run.
@@ -101,3 +102,43 @@ def sklearn_codes(x, d, s, tol=None):
     kwargs = dict(tol=tol) if tol is not None else dict(n_nonzero_coefs=s)
     coef = orthogonal_mp_gram(unit @ unit.T, unit @ x64.T, norms_squared=(x64**2).sum(1), **kwargs)
     return torch.from_numpy(np.atleast_2d(coef.T) / norms)  # (N, K)
+
+
+# ---- the kernels under test: every backend on every device this machine has -----------------------------------------
+_RAW_OPS = {"cpu": "batch_omp", "cuda": "batch_omp", "reference": "batch_omp_reference", "triton": "batch_omp_triton"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One backend on one device. Calling it codes CPU tensors there and returns the codes on the CPU."""
+
+    backend: str
+    device: str
+
+    def __call__(self, x, d, s, tol=None) -> lasers_ext.SparseCodes:
+        codes = batch_omp(x.to(self.device), d.to(self.device), s, tol=tol, backend=self.backend)
+        return lasers_ext.SparseCodes(codes.indices.cpu(), codes.coeffs.cpu())
+
+    @property
+    def op(self):
+        """The backend's raw torch.library op (no argument or NaN checks)."""
+        return getattr(torch.ops.lasers_ext, _RAW_OPS[self.backend])
+
+    def __str__(self) -> str:
+        return self.backend if self.device == "cpu" or self.backend == "cuda" else f"{self.backend}-{self.device}"
+
+
+def _targets(with_reference: bool) -> list[Target]:
+    gpu = torch.cuda.is_available()
+    found = [Target("cpu", "cpu")] + ([Target("reference", "cpu")] if with_reference else [])
+    if backends.HAS_TRITON and (gpu or backends.triton_interpreting()):
+        found.append(Target("triton", "cuda" if gpu else "cpu"))  # compiled on a GPU, interpreted without one
+    if gpu and backends.WITH_CUDA:
+        found.append(Target("cuda", "cuda"))
+    if gpu and with_reference:
+        found.append(Target("reference", "cuda"))
+    return found
+
+
+KERNELS = _targets(with_reference=False)  # the compiled kernels: C++, Triton, CUDA where present
+ALL_KERNELS = _targets(with_reference=True)  # and the float64 reference on each device

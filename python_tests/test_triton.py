@@ -1,11 +1,13 @@
-"""Triton backend: the same codes as the C++ kernel. On a GPU machine the compiled kernel runs on CUDA tensors;
-without one, Triton's interpreter runs it on CPU tensors (TRITON_INTERPRET=1, set in conftest.py)."""
+"""What is particular to the Triton backend (the oracles and hostile inputs of every backend, Triton included, are in
+test_batch_omp.py): supports like the C++ kernel's, half inputs, autograd, errors. On a GPU machine the compiled kernel
+runs on CUDA tensors; without one, Triton's interpreter runs it on CPU tensors (TRITON_INTERPRET=1, set in
+conftest.py)."""
 
 import os
 
 import pytest
 import torch
-from conftest import assert_matches_reference, random_problem, share_matching_cpu_kernel
+from conftest import random_problem, share_matching_cpu_kernel
 
 import lasers_ext
 from lasers_ext import backends, batch_omp
@@ -24,42 +26,12 @@ def test_triton_present_where_expected():
         assert backends.HAS_TRITON, "CI expects triton (it comes with the CUDA build of torch)"
 
 
-def assert_same_as_cpu_kernel(x, d, s, tol=None):
-    codes = triton_codes(x, d, s, tol)
-    assert_matches_reference(codes, x, d, s, tol)  # oracle: the float64 reference, tie-aware
-    assert share_matching_cpu_kernel(codes, x, d, s, tol) > 0.99
-    return codes
-
-
 @needs_triton
-@pytest.mark.parametrize(
-    "n,m,k,s,tol",
-    [(256, 16, 512, 5, None),  # the paper's shape
-     (130, 8, 20, 8, None),  # S = M, rows across two programs
-     (64, 12, 40, 3, 2.0),  # early stop by tol
-     (50, 4, 7, 1, None)],  # S = 1, K not a power of two
-)
-def test_matches_cpu_kernel(gen, n, m, k, s, tol):
-    x, d = random_problem(gen, n, m, k, normalise=False)
-    assert_same_as_cpu_kernel(x, d, s, tol)
-
-
-@needs_triton
-def test_float64(gen):
-    x, d = random_problem(gen, 40, 8, 30, torch.float64)
-    assert_same_as_cpu_kernel(x, d, 4)
-
-
-@needs_triton
-def test_degenerate_inputs(gen):
-    x, d = random_problem(gen, 60, 6, 12)
-    d = torch.cat([d, d[:3], torch.zeros(2, 6)])  # duplicate and zero atoms
-    x[::5] = 0  # zero vectors
-    codes = assert_same_as_cpu_kernel(x, d, 6)
-    assert (codes.indices[::5] == -1).all()
-    chosen = codes.indices[codes.indices >= 0]
-    assert not ((chosen == 15) | (chosen == 16)).any()  # zero atoms never chosen
-    assert torch.isfinite(codes.coeffs).all()
+def test_same_supports_as_the_cpp_kernel(gen):
+    """Triton follows the steps of csrc/omp_core.h (with its own division and summation order): the C++ kernel's
+    supports at the paper's shape on all but rounding-level ties, coefficients within 1e-5."""
+    x, d = random_problem(gen, 256, 16, 512, normalise=False)
+    assert share_matching_cpu_kernel(triton_codes(x, d, 5), x, d, 5) > 0.99
 
 
 @needs_triton
@@ -81,13 +53,6 @@ def test_half_input_and_autograd(gen):
 
 
 @needs_triton
-def test_opcheck(gen):
-    x, d = (t.to(DEVICE) for t in random_problem(gen, 12, 8, 20, torch.float32))
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.lasers_ext.batch_omp_triton.default, (x, d, 3, None), test_utils=utils)
-
-
-@needs_triton
 def test_triton_errors(monkeypatch):
     x, d = torch.randn(3, 4), torch.randn(5, 4)  # CPU tensors
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -101,12 +66,3 @@ def test_triton_errors(monkeypatch):
 def test_cuda_backend_order():
     expected = (["cuda"] if backends.WITH_CUDA else []) + (["triton"] if backends.HAS_TRITON else [])
     assert lasers_ext.available_backends("cuda") == expected + ["reference"]
-
-
-@needs_triton
-def test_empty_batch(gen):
-    """N = 0 returns empty (0, S) outputs, as the docs promise for every backend."""
-    _, d = random_problem(gen, 1, 16, 32)
-    codes = batch_omp(torch.zeros(0, 16, device=DEVICE), d.to(DEVICE), 3, backend="triton")
-    assert codes.indices.shape == (0, 3) and codes.coeffs.shape == (0, 3)
-    assert codes.indices.dtype == torch.int64 and codes.coeffs.dtype == torch.float32
