@@ -511,15 +511,9 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
                 window.setdefault(k, []).append(v.detach().float())
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                means = distributed.all_reduce_mean(ctx, {k: torch.stack(v).mean() for k, v in window.items()})
-                # perplexity of all codes used since the last record, on all ranks (the histograms are summed)
-                means["perplexity"] = metrics.perplexity(distributed.all_reduce_sum(ctx, usage).cpu())
-                window.clear()
-                usage.zero_()
-                record = {"kind": "train", "step": step, "epoch": epoch, "elapsed_s": time.perf_counter() - start,
-                          **means}
-                if ctx.is_main:
-                    _append_record(metrics_path, record)
+                means = _log_window(ctx, window, usage, metrics_path,
+                                    {"kind": "train", "step": step, "epoch": epoch,
+                                     "elapsed_s": time.perf_counter() - start})
                 bar.set_postfix(loss=f"{means['loss']:.4f}", psnr=f"{means['psnr']:.2f}",
                                 ppl=f"{means['perplexity']:.1f}")
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and ctx.is_main:
@@ -569,6 +563,20 @@ def _train_step(state: TrainState, net: nn.Module, x: Tensor, step: int, rec_los
         state.opt_d.step()
         stats.update(d_stats)
     return stats, info.indices.detach().reshape(-1)
+
+
+def _log_window(ctx: distributed.Context, window: dict[str, list[Tensor]], usage: Tensor, path: Path,
+                record: dict) -> dict[str, float]:
+    """Closes a logging window: the means of its step statistics over all steps and ranks, and the perplexity of all
+    codes used in it (the ranks' histograms summed); rank 0 appends them to ``record`` in the metrics file. Empties
+    ``window`` and ``usage``; returns the means."""
+    means = distributed.all_reduce_mean(ctx, {k: torch.stack(v).mean() for k, v in window.items()})
+    means["perplexity"] = metrics.perplexity(distributed.all_reduce_sum(ctx, usage).cpu())
+    window.clear()
+    usage.zero_()
+    if ctx.is_main:
+        _append_record(path, {**record, **means})
+    return means
 
 
 def _picture_batch(test_set, count: int = 8) -> Tensor:
