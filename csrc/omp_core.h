@@ -24,7 +24,8 @@
 // the CPU-side model of the CUDA fast path in tests/) rounds exactly the same operations in exactly the same order,
 // so they choose identical supports and identical coefficients on the same input. A faster kernel may change how the
 // work is parallelised (which vectors or atoms run together), never the order of a sum:
-//   * the scaled x_m = ldexp(x_m, -e), e = ilogb(max_m |x_m|) (0 for x = 0); everything below uses it;
+//   * the scaled x_m = ldexp(x_m, -e), e = ilogb(max_m |x_m|) (0 for x = 0), computed as x_m * pow2(-e) (the
+//     same rounding); everything below uses it;
 //   * ||x||^2 = fma chain over m ascending, from 0:           xx = fma(x_m, x_m, xx)
 //   * alpha0_k = fma chain over m ascending, from 0:          a = fma(x_m, atoms_t[m, k], a)
 //   * alpha_k = alpha0_k then over the support in selection order t = 0, 1, ...:  a = fma(-gamma_t, G[I_t, k], a)
@@ -33,7 +34,7 @@
 //   * the S x S steps below: fma chains in the loop order written here, and a multiplication by the stored
 //     reciprocal 1 / L_rr of each pivot (IEEE division once per pivot, IEEE sqrt) instead of a division per use;
 //   * ||r||^2 = ||x||^2, then residual = fma(-y_s, y_s, residual) per accepted atom;
-//   * coefficient_t = ldexp(gamma_t * inv_norm[I_t], e).
+//   * coefficient_t = (gamma_t * inv_norm[I_t]) * 2^e (pow2(e), a single exact factor: e <= the largest exponent).
 // Every fused multiply-add is an explicit std::fma call. Nothing is left to the compiler's contraction: the host build
 // uses -ffp-contract=off (so the CPU kernel's baseline clone, without hardware FMA, calls fma too) and nvcc -fmad=false.
 #pragma once
@@ -127,6 +128,20 @@ LASERS_HD int scale_exponent(const T* x, int64_t M) {
   }
   if (!finite) return kNonFinite;
   return amax > T(0) ? std::ilogb(amax) : 0;
+}
+
+// 2^k as at most two factors the dtype represents (k >= the smallest subnormal exponent): x * f.first * f.second
+// rounds like ldexp(x, k), with multiplications instead of a libm call per element. second is 1 unless 2^k itself
+// overflows (scaling a vector whose largest entry is subnormal), and then x * first is exact.
+template <typename T>
+struct Pow2 {
+  T first, second;
+};
+template <typename T>
+LASERS_HD Pow2<T> pow2(int k) {
+  constexpr int max_exp = sizeof(T) == sizeof(float) ? 127 : 1023;
+  if (k > max_exp) return Pow2<T>{std::ldexp(T(1), max_exp), std::ldexp(T(1), k - max_exp)};
+  return Pow2<T>{std::ldexp(T(1), k), T(1)};
 }
 
 // tol of the scaled vector: ldexp(tol, -2e); a negative tol (disabled) stays negative.
@@ -305,7 +320,8 @@ LASERS_HOST_INLINE int host_encode(const HostProblem<T>& p, const T* x, const Ho
     }
     return 0;
   }
-  for (int64_t m = 0; m < p.M; ++m) w.x[m] = std::ldexp(x[m], -e);
+  const Pow2<T> down = pow2<T>(-e);
+  for (int64_t m = 0; m < p.M; ++m) w.x[m] = x[m] * down.first * down.second;
   const T xx = squared_norm(w.x, p.M);
   const T tol = scaled_tol(p.tol, e);
   // alpha0 = D_n x as a combination of the rows of atoms_t (M, K).
@@ -349,7 +365,8 @@ LASERS_HOST_INLINE int host_encode(const HostProblem<T>& p, const T* x, const Ho
   }
   const int used = s;
   back_solve(w.L, S, used, w.inv_diag, w.y, w.gamma);
-  for (int t = 0; t < used; ++t) coef[t] = std::ldexp(w.gamma[t] * p.inv_norm[idx[t]], e);
+  const T up = pow2<T>(e).first;
+  for (int t = 0; t < used; ++t) coef[t] = w.gamma[t] * p.inv_norm[idx[t]] * up;
   for (int t = used; t < S; ++t) {
     idx[t] = -1;
     coef[t] = T(0);

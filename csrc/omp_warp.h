@@ -199,8 +199,9 @@ LASERS_UNROLL
     for (int e = w.lane(slot); e < V * M; e += kLanes) {
       const int v = e / M;
       const int ev = pick(exponent, v);
+      const core::Pow2<float> down = core::pow2<float>(ev == core::kNonFinite ? 0 : -ev);
       float& xm = ex.xs[v][e - v * M];
-      xm = ev == core::kNonFinite ? 0.0f : std::ldexp(xm, -ev);
+      xm = ev == core::kNonFinite ? 0.0f : xm * down.first * down.second;
     }
   }
   w.sync();
@@ -346,11 +347,12 @@ LASERS_UNROLL
     if (n >= p.N) return;
     const int u = pick(used, v);
     const int ev = pick(exponent, v);
+    const float up = core::pow2<float>(ev == core::kNonFinite ? 0 : ev).first;
     core::back_solve(ex.L[v], S, u, ex.inv_diag[v], ex.y[v], ex.gamma[v]);
     for (int t = 0; t < S; ++t) {
       const bool valid = t < u;
       p.idx[n * S + t] = valid ? ex.support[v][t] : -1;
-      p.coef[n * S + t] = valid ? std::ldexp(ex.gamma[v][t] * p.inv_norm[ex.support[v][t]], ev) : 0.0f;
+      p.coef[n * S + t] = valid ? ex.gamma[v][t] * p.inv_norm[ex.support[v][t]] * up : 0.0f;
     }
   });
 }

@@ -97,7 +97,8 @@ __global__ void batch_omp_kernel(const DeviceProblem<T> p) {
   const int e = core::scale_exponent(xs, M);
   const bool finite = e != core::kNonFinite;
   __syncwarp();
-  for (int m = lane; m < M; m += kWarp) xs[m] = finite ? ldexp(xs[m], -e) : T(0);
+  const core::Pow2<T> down = core::pow2<T>(finite ? -e : 0);
+  for (int m = lane; m < M; m += kWarp) xs[m] = finite ? xs[m] * down.first * down.second : T(0);
   __syncwarp();
   const T tol = core::scaled_tol(p.tol, e);
 
@@ -170,7 +171,7 @@ __global__ void batch_omp_kernel(const DeviceProblem<T> p) {
   for (int t = lane; t < S; t += kWarp) {
     const bool valid = t < used;
     p.idx[n * S + t] = valid ? support[t] : -1;
-    p.coef[n * S + t] = valid ? ldexp(gamma[t] * p.inv_norm[support[t]], e) : T(0);
+    p.coef[n * S + t] = valid ? gamma[t] * p.inv_norm[support[t]] * core::pow2<T>(e).first : T(0);
   }
 }
 
