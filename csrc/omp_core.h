@@ -150,7 +150,7 @@ LASERS_HD T scaled_tol(T tol, int e) {
   return tol < T(0) ? tol : std::ldexp(tol, -2 * e);
 }
 
-// Dictionary preparation, identical on every device (kernel_common.h on the CPU, a CUDA kernel on the GPU), so the
+// Dictionary preparation, identical on every device (cpu/omp_cpu.cpp on the CPU, a CUDA kernel on the GPU), so the
 // CPU and CUDA kernels code against the very same numbers: float64 fma chains over m ascending, one rounding to T.
 //   ||d_k|| = sqrt(sum_m d_km^2),  unit_km = T(d_km / ||d_k||),  inv_norm_k = T(1 / ||d_k||)  (0 for a zero atom),
 //   G_ab = T(sum_m unit_am * unit_bm).
@@ -166,6 +166,14 @@ LASERS_HD double atom_norm(const T* d_row, int64_t M) {
     nn = std::fma(d, d, nn);
   }
   return std::ldexp(std::sqrt(nn), e);
+}
+
+// Atom k of the dictionary d (K, M): its unit column of ut (M, K) and inv_norm[k] (zeros for a zero atom).
+template <typename T>
+LASERS_HD void prepare_atom(const T* d, int64_t K, int64_t M, int64_t k, T* ut, T* inv_norm) {
+  const double norm = atom_norm(d + k * M, M);
+  inv_norm[k] = norm > 0 ? static_cast<T>(1.0 / norm) : T(0);
+  for (int64_t m = 0; m < M; ++m) ut[m * K + k] = norm > 0 ? static_cast<T>(double(d[k * M + m]) / norm) : T(0);
 }
 
 // G_ab from the transposed unit atoms ut (M, K).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["batch_omp_reference", "stopping_eps"]
+__all__ = ["batch_omp_reference", "stopping_eps", "row_exponents", "scale_by_pow2"]
 
 
 def stopping_eps(dtype: torch.dtype) -> float:
@@ -40,14 +40,14 @@ def batch_omp_reference(
     D = dictionary.detach().to(torch.float64)
     # OMP's codes do not change when a signal or an atom is scaled: code each row and take each atom's norm at the
     # scale of its largest entry (a power of two, so exactly), so squares neither overflow nor underflow.
-    d_exp = _exponents(D)
-    norms = _ldexp(_ldexp(D, -d_exp[:, None]).norm(dim=1), d_exp)
+    d_exp = row_exponents(D)
+    norms = scale_by_pow2(scale_by_pow2(D, -d_exp[:, None]).norm(dim=1), d_exp)
     norms = torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms))  # atoms with NaN/Inf: never chosen
     unit = torch.where(norms[:, None] > 0, D / torch.where(norms > 0, norms, 1.0)[:, None], torch.zeros_like(D))
-    x_exp = _exponents(X)
+    x_exp = row_exponents(X)
     finite = torch.isfinite(X).all(dim=1)  # a row with a NaN or infinite entry gets every slot unused
-    X = torch.where(finite[:, None], _ldexp(X, -x_exp[:, None]), torch.zeros_like(X))
-    tols = None if tol is None else _ldexp(torch.full_like(X[:, 0], float(tol)), -2 * x_exp)
+    X = torch.where(finite[:, None], scale_by_pow2(X, -x_exp[:, None]), torch.zeros_like(X))
+    tols = None if tol is None else scale_by_pow2(torch.full_like(X[:, 0], float(tol)), -2 * x_exp)
     n = X.shape[0]
     indices = torch.full((n, sparsity), -1, dtype=torch.long, device=x.device)
     coeffs = torch.zeros((n, sparsity), dtype=torch.float64, device=x.device)
@@ -55,19 +55,20 @@ def batch_omp_reference(
         rows = slice(start, start + chunk)
         indices[rows], coeffs[rows] = _omp_chunk(X[rows], unit, sparsity, None if tols is None else tols[rows], eps)
     safe = indices.clamp(min=0)
-    scaled = _ldexp(coeffs, x_exp[:, None]) / torch.where(norms[safe] > 0, norms[safe], 1.0)
+    scaled = scale_by_pow2(coeffs, x_exp[:, None]) / torch.where(norms[safe] > 0, norms[safe], 1.0)
     coeffs = torch.where(indices >= 0, scaled, torch.zeros_like(coeffs))
     return indices, coeffs.to(x.dtype)
 
 
-def _ldexp(a: Tensor, e: Tensor) -> Tensor:
-    """a * 2^e (float64, e int64 up to +-2046), exact in the normal range: two factors that are each representable."""
+def scale_by_pow2(a: Tensor, e: Tensor) -> Tensor:
+    """a * 2^e for integer e (broadcast), exact in the normal range of a's dtype: two factors that each stay
+    representable (e up to +-2046 in float64, +-254 in float32)."""
     half = torch.div(e, 2, rounding_mode="floor")
-    return a * torch.exp2(half.double()) * torch.exp2((e - half).double())
+    return a * torch.exp2(half.to(a.dtype)) * torch.exp2((e - half).to(a.dtype))
 
 
-def _exponents(a: Tensor) -> Tensor:
-    """Per row of a (float64): the integer e with 2^e <= max |a| < 2^(e+1) (0 for an all-zero or non-finite row)."""
+def row_exponents(a: Tensor) -> Tensor:
+    """Per row of a: the int64 e with 2^e <= max |a| < 2^(e+1) (0 for an all-zero or non-finite row)."""
     amax = a.abs().amax(dim=1) if a.shape[1] else a.new_zeros(a.shape[0])
     ok = (amax > 0) & torch.isfinite(amax)
     _, e = torch.frexp(torch.where(ok, amax, torch.ones_like(amax)))  # amax = m * 2^e with m in [0.5, 1)

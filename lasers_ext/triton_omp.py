@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .backends import triton_interpreting
+from .reference import row_exponents, scale_by_pow2
 
 __all__ = ["batch_omp_triton"]
 
@@ -159,14 +160,12 @@ def batch_omp_triton(x: Tensor, dictionary: Tensor, sparsity: int, tol: float | 
     # the compiled kernels' own preparation (the same numbers on every device) and their per-row scaling by a power
     # of two (csrc/omp_core.h): rows with NaN/Inf entries are coded as 0 (every slot unused)
     atoms_t, gram, inv_norm = torch.ops.lasers_ext.prepare_dictionary(dictionary)
-    amax = x.abs().amax(dim=1) if m else x.new_zeros(n)
-    ok = (amax > 0) & torch.isfinite(amax)
-    exponent = torch.where(ok, torch.frexp(torch.where(ok, amax, torch.ones_like(amax)))[1] - 1, 0)
+    exponent = row_exponents(x)
     finite = torch.isfinite(x).all(dim=1, keepdim=True)
-    xs = torch.where(finite, _ldexp(x, -exponent[:, None]), torch.zeros_like(x)).contiguous()
+    xs = torch.where(finite, scale_by_pow2(x, -exponent[:, None]), torch.zeros_like(x)).contiguous()
     tol_rows = torch.full((n,), -1.0 if tol is None else float(tol), dtype=torch.float64, device=x.device)
     if tol is not None:
-        tol_rows = _ldexp(tol_rows, -2 * exponent)
+        tol_rows = scale_by_pow2(tol_rows, -2 * exponent)
     eps = torch.finfo(x.dtype).eps
     args = (xs, atoms_t, gram, inv_norm, indices, coeffs, tol_rows.to(x.dtype), n, k, m, math.sqrt(eps), eps)
     shape = {"S": sparsity, "BLOCK_K": triton.next_power_of_2(k), "BLOCK_S": triton.next_power_of_2(sparsity)}
@@ -176,10 +175,4 @@ def batch_omp_triton(x: Tensor, dictionary: Tensor, sparsity: int, tol: float | 
         _batch_omp_kernel[(triton.cdiv(n, _FIXED["BLOCK_N"]),)](*args, **_FIXED, **shape)
     else:
         _autotuned_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **shape)
-    return indices, _ldexp(coeffs, exponent[:, None])
-
-
-def _ldexp(a: Tensor, e: Tensor) -> Tensor:
-    """a * 2^e for integer tensors e, in two factors that each stay representable (exact in the normal range)."""
-    half = torch.div(e, 2, rounding_mode="floor")
-    return a * torch.exp2(half.to(a.dtype)) * torch.exp2((e - half).to(a.dtype))
+    return indices, scale_by_pow2(coeffs, exponent[:, None])

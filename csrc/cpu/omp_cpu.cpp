@@ -81,12 +81,7 @@ PreparedDictionary prepare_dictionary_cpu(const at::Tensor& dictionary) {
     const scalar_t* src = d.const_data_ptr<scalar_t>();
     scalar_t* ut = out.atoms_t.mutable_data_ptr<scalar_t>();
     scalar_t* inv = out.inv_norm.mutable_data_ptr<scalar_t>();
-    for (int64_t k = 0; k < K; ++k) {
-      const double norm = core::atom_norm(src + k * M, M);
-      inv[k] = norm > 0 ? static_cast<scalar_t>(1.0 / norm) : scalar_t(0);
-      for (int64_t m = 0; m < M; ++m)
-        ut[m * K + k] = norm > 0 ? static_cast<scalar_t>(double(src[k * M + m]) / norm) : scalar_t(0);
-    }
+    for (int64_t k = 0; k < K; ++k) core::prepare_atom(src, K, M, k, ut, inv);
     scalar_t* gram = out.gram.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, K, 16, [&](int64_t begin, int64_t end) {
       std::vector<double> row(K);

@@ -180,10 +180,7 @@ template <typename T>
 __global__ void prepare_atoms_kernel(const T* __restrict__ d, int64_t K, int64_t M, T* __restrict__ ut,
                                      T* __restrict__ inv_norm) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (k >= K) return;
-  const double norm = core::atom_norm(d + k * M, M);
-  inv_norm[k] = norm > 0 ? static_cast<T>(1.0 / norm) : T(0);
-  for (int64_t m = 0; m < M; ++m) ut[m * K + k] = norm > 0 ? static_cast<T>(double(d[k * M + m]) / norm) : T(0);
+  if (k < K) core::prepare_atom(d, K, M, k, ut, inv_norm);
 }
 
 template <typename T>
