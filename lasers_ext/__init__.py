@@ -3,7 +3,8 @@
 Public API:
     batch_omp(x, dictionary, sparsity, *, tol=None, backend="auto") -> SparseCodes(indices, coeffs)
     sparse_decode(indices, coeffs, dictionary) -> (..., M)
-    SparseDictBottleneck(n_e, e_dim, beta=0.25, ..., sparsity=None, patch_size=1): drop-in for taming's VectorQuantizer
+    SparseDictBottleneck(n_e, e_dim, beta=0.25, ..., sparsity=None, patch_size=1, coeff_bins=None): drop-in for
+        taming's VectorQuantizer; with coeff_bins its codes are stage-2 tokens (CoefficientQuantizer, TokenCodec)
     VectorQuantizer(n_e, e_dim, beta=0.25, ..., ema=False): the VQ baseline with the same interface
     build_autoencoder("dl" | "vq", ...) -> Autoencoder; PatchDiscriminator: the paper's models (lasers_ext.models)
 
@@ -16,8 +17,10 @@ from .bottleneck import SparseDictBottleneck
 from .models import Autoencoder, PatchDiscriminator, build_autoencoder
 from .ops import SparseCodes, batch_omp, sparse_decode
 from .quantizer import QuantizerInfo
+from .tokens import CoefficientQuantizer, TokenCodec
 from .vq import VectorQuantizer
 
-__all__ = ["BACKENDS", "Autoencoder", "PatchDiscriminator", "QuantizerInfo", "SparseCodes", "SparseDictBottleneck",
-           "VectorQuantizer", "available_backends", "batch_omp", "build_autoencoder", "sparse_decode"]
+__all__ = ["BACKENDS", "Autoencoder", "CoefficientQuantizer", "PatchDiscriminator", "QuantizerInfo", "SparseCodes",
+           "SparseDictBottleneck", "TokenCodec", "VectorQuantizer", "available_backends", "batch_omp",
+           "build_autoencoder", "sparse_decode"]
 __version__ = "0.1.0"

@@ -24,43 +24,33 @@ from .quantizer import (
     check_quantizer_options,
     codebook_loss,
     resolve_sizes,
+    straight_through,
     usage_statistics,
 )
+from .tokens import QUANTIZER_MODES, CoefficientQuantizer, TokenCodec
 
 __all__ = ["SparseDictBottleneck", "SparseCode"]
 
 
-
-
-
-
-
-
-
-
-
-
-
 class SparseCode(torch.autograd.Function):
-    """z_hat = sum_s coeffs[:, s] * atoms[indices[:, s]] with Batch-OMP codes of x over the unit-norm ``atoms``.
+    """z_hat = sum_s coeffs[:, s] * atoms[indices[:, s]] for Batch-OMP codes (indices, coeffs) of x over ``atoms``.
 
-    Forward: x (N, M) and atoms (K, M) in float32/float64 -> z_hat (N, M), indices (N, S), coeffs (N, S).
-    Backward, default: the atoms get the gradient with the codes held fixed (implicit dictionary learning) and x the
-    identity (straight-through). With ``exact=True``: the gradient of the least-squares fit on the chosen support,
-    i.e. x gets P_T g (P_T projects onto the span of the chosen atoms) and the atoms also the part through gamma.
+    Forward: x (N, M) and atoms (K, M, unit norm) in float32/float64, indices (N, S) int64 (-1: unused) and coeffs
+    (N, S), the codes of x (quantised or not) -> z_hat (N, M). The codes are inputs without a gradient: the backward
+    states how they move with x and the atoms. Default: they are held fixed, so the atoms get the gradient of z_hat
+    (implicit dictionary learning) and x the identity (straight-through). With ``exact=True``: coeffs is the
+    least-squares fit on the chosen support, i.e. x gets P_T g (P_T projects onto the span of the chosen atoms) and
+    the atoms also the part through the fit.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, atoms: Tensor, sparsity: int, tol: float | None, backend: str, exact: bool):
-        indices, coeffs = batch_omp(x.detach(), atoms.detach(), sparsity, tol=tol, backend=backend)
-        z_hat = sparse_decode(indices, coeffs, atoms.detach())
+    def forward(ctx, x: Tensor, atoms: Tensor, indices: Tensor, coeffs: Tensor, exact: bool) -> Tensor:
         ctx.exact = exact
         ctx.save_for_backward(x, atoms, indices, coeffs)
-        ctx.mark_non_differentiable(indices, coeffs)
-        return z_hat, indices, coeffs
+        return sparse_decode(indices, coeffs, atoms.detach())
 
     @staticmethod
-    def backward(ctx, grad_z_hat: Tensor, _grad_indices, _grad_coeffs):
+    def backward(ctx, grad_z_hat: Tensor):
         x, atoms, indices, coeffs = ctx.saved_tensors
         valid = indices >= 0
         flat = indices.clamp(min=0).reshape(-1)
@@ -74,7 +64,7 @@ class SparseCode(torch.autograd.Function):
             grad_x, grad_chosen = least_squares_backward(x, chosen, valid, coeffs, grad_gamma)
             grad_slots = grad_slots + grad_chosen
         grad_atoms = torch.zeros_like(atoms).index_add_(0, flat, grad_slots.reshape(-1, atoms.shape[1]))
-        return grad_x, grad_atoms, None, None, None, None
+        return grad_x, grad_atoms, None, None, None
 
 
 class SparseDictBottleneck(nn.Module):
@@ -99,11 +89,22 @@ class SparseDictBottleneck(nn.Module):
             and one block-coordinate-descent sweep over the atoms per training forward, all-reduced under
             torch.distributed). The online sweep is a Python loop over atoms and runs outside torch.compile graphs.
         backend: Batch-OMP backend (``"auto"`` picks the fastest for the device).
+        coeff_bins: B: quantise the coefficients to B levels in the forward (a straight-through estimator on the
+            rounding), so the decoder trains on exactly what the tokens encode, and make the codes tokens for a
+            stage-2 prior (see :mod:`lasers_ext.tokens`). None (default): real coefficients, no tokens.
+        coeff_quant: ``"uniform"`` or ``"mulaw"`` levels (:class:`~lasers_ext.tokens.CoefficientQuantizer`; its range
+            is tracked in training mode and saved in the state_dict).
 
     ``forward(z)`` for z (B, C, H, W) returns ``(z_q, loss, info)`` like taming: z_q (B, C, H, W) in z's dtype, loss a
     0-dim tensor, info a :class:`QuantizerInfo` ``(perplexity, None, indices)`` with the codes and usage statistics
     as attributes. Indices are (N,) for S = 1 (exactly taming's) and (N, S) otherwise, N = B H' W' sites;
     ``sane_index_shape`` gives (B, H', W'[, S]). Unused slots hold -1 (see :func:`lasers_ext.batch_omp`).
+    ``info.atom_indices`` and ``info.coeffs`` are the codes in that layout.
+
+    With ``coeff_bins``, ``info[2]`` holds tokens instead, (N, 2S) or (B, H', W', 2S), so ``info[2].view(B, -1)`` is
+    a stage-2 sequence and ``get_codebook_entry(tokens.reshape(-1), (B, H, W, C))`` returns the forward's z_q exactly
+    (eval mode); ``info.bins`` holds the coefficient bins. ``vocab_size``, ``tokens_per_site`` and
+    ``bits_per_site`` (S (log2 K + log2 B)) describe the tokens (None without ``coeff_bins``).
     """
 
     def __init__(
@@ -122,6 +123,8 @@ class SparseDictBottleneck(nn.Module):
         exact_gradient: bool = False,
         dictionary_update: str = "gradient",
         backend: str = "auto",
+        coeff_bins: int | None = None,
+        coeff_quant: str = "uniform",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         **aliases: int,
@@ -160,7 +163,29 @@ class SparseDictBottleneck(nn.Module):
             self.register_buffer("stat_a", torch.zeros(self.n_e, self.n_e, device=device))  # A = sum gamma gamma^T
             self.register_buffer("stat_b", torch.zeros(self.n_e, atom_dim, device=device))  # B^T = sum gamma z^T
             self.register_buffer("online_steps", torch.zeros((), dtype=torch.long, device=device))
+        if coeff_quant not in QUANTIZER_MODES:
+            raise ValueError(f"coeff_quant must be one of {QUANTIZER_MODES}, got {coeff_quant!r}")
+        self.coeff_quantizer: CoefficientQuantizer | None = None
+        self.codec: TokenCodec | None = None
+        if coeff_bins is not None:
+            self.coeff_quantizer = CoefficientQuantizer(coeff_bins, coeff_quant, device=device)
+            self.codec = TokenCodec(self.n_e, coeff_bins, self.sparsity)
         self.reset_parameters()
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Token ids per position (K + B + 1) with ``coeff_bins``, else None."""
+        return None if self.codec is None else self.codec.vocab_size
+
+    @property
+    def tokens_per_site(self) -> int | None:
+        """Tokens per coded site (2S) with ``coeff_bins``, else None."""
+        return None if self.codec is None else self.codec.tokens_per_site
+
+    @property
+    def bits_per_site(self) -> float | None:
+        """Bits per coded site, S (log2 K + log2 B), with ``coeff_bins``, else None."""
+        return None if self.codec is None else self.codec.bits_per_site
 
     def reset_parameters(self) -> None:
         """Gaussian atoms scaled to unit norm; online statistics cleared."""
@@ -175,7 +200,7 @@ class SparseDictBottleneck(nn.Module):
     def extra_repr(self) -> str:
         return (f"n_e={self.n_e}, e_dim={self.e_dim}, sparsity={self.sparsity}, patch_size={self.patch_size}, "
                 f"beta={self.beta}, legacy={self.legacy}, exact_gradient={self.exact_gradient}, "
-                f"dictionary_update={self.dictionary_update!r}")
+                f"dictionary_update={self.dictionary_update!r}")  # coeff_quantizer shows as a child module
 
     def atoms(self) -> Tensor:
         """The dictionary with unit-norm rows (K, P_H * P_W * C), as forward uses it; zero rows stay zero."""
@@ -203,13 +228,21 @@ class SparseDictBottleneck(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             x = self._to_sites(z.to(compute))
             atoms = self.atoms().to(compute)
-            z_hat, indices, coeffs = SparseCode.apply(x if self.exact_gradient else x.detach(), atoms, self.sparsity,
-                                                      self.tol, self.backend, self.exact_gradient)
+            indices, coeffs = batch_omp(x.detach(), atoms.detach(), self.sparsity, tol=self.tol,
+                                        backend=self.backend)
+            bins = None
+            if self.coeff_quantizer is not None:
+                if self.training:
+                    self.coeff_quantizer.observe(coeffs, indices >= 0)
+                bins = self.coeff_quantizer.quantize(coeffs)
+                coeffs = self._dequantize(indices, bins, compute)
+            z_hat = SparseCode.apply(x if self.exact_gradient else x.detach(), atoms, indices, coeffs,
+                                     self.exact_gradient)
             if self.exact_gradient:
                 z_q = z_hat  # the decoder's gradient reaches z through P_T and the atoms through the fit
                 z_hat = sparse_decode(indices, coeffs, atoms)  # the loss sees the codes held fixed in both modes
             else:
-                z_q = x + (z_hat - x).detach()  # straight-through estimator
+                z_q = straight_through(x, z_hat)
             loss = codebook_loss(z_hat, x, self.beta, self.legacy)
             stats = usage_statistics(indices, coeffs, atoms)
             if self.dictionary_update == "online" and self.training:
@@ -218,10 +251,23 @@ class SparseDictBottleneck(nn.Module):
         sites = (b, h // self.patch_size[0], w // self.patch_size[1])
         if self.sparsity == 1:
             indices, coeffs = indices[:, 0], coeffs[:, 0]
+        extra = {}
+        if bins is not None:
+            extra["bins"] = bins if self.sparsity > 1 else bins[:, 0]
         if self.sane_index_shape:
             indices, coeffs = indices.reshape(*sites, *indices.shape[1:]), coeffs.reshape(*sites, *coeffs.shape[1:])
-        info = QuantizerInfo(stats.pop("perplexity"), None, indices, coeffs=coeffs.to(z.dtype), **stats)
+            extra = {k: v.reshape(*sites, *v.shape[1:]) for k, v in extra.items()}
+        codes = indices
+        if bins is not None:  # taming's info[2] becomes the stage-2 tokens
+            codes = self.codec.encode(indices.unsqueeze(-1) if self.sparsity == 1 else indices,
+                                      extra["bins"].unsqueeze(-1) if self.sparsity == 1 else extra["bins"])
+        info = QuantizerInfo(stats.pop("perplexity"), None, codes, atom_indices=indices, coeffs=coeffs.to(z.dtype),
+                             **extra, **stats)
         return z_q, loss.to(z.dtype), info
+
+    def _dequantize(self, indices: Tensor, bins: Tensor, dtype: torch.dtype) -> Tensor:
+        """The coefficients that bins stand for, 0 in unused slots: one definition for forward and decoding."""
+        return torch.where(indices >= 0, self.coeff_quantizer.dequantize(bins).to(dtype), 0.0)
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -258,25 +304,44 @@ class SparseDictBottleneck(nn.Module):
 
     def get_codebook_entry(self, indices: Tensor, shape: tuple[int, int, int, int] | None,
                            coeffs: Tensor | None = None) -> Tensor:
-        """Decodes codes to latents. ``indices``/``coeffs`` as returned in ``info`` (any layout of sites, with S last
-        for S > 1); ``shape`` is taming's (B, H, W, C) of the latent, giving (B, C, H, W), or None for one decoded
-        site per code like taming: the sites' layout + (atom dim,). ``coeffs=None`` is allowed for S = 1 only and
-        means coefficient 1 (the unit atom itself, like VQ). Unlike a VQ index, a site's indices alone do not give its
-        latent when S > 1: the coefficients are part of the code."""
+        """Decodes codes to latents, taming's call. ``shape`` is taming's (B, H, W, C) of the latent, giving
+        (B, C, H, W), or None for one decoded site per code: the sites' layout + (atom dim,).
+
+        With ``coeff_bins`` and no ``coeffs``, ``indices`` are tokens as in ``info[2]``: (..., 2S), or flat (any
+        length that is a multiple of 2S) when ``shape`` is given; the result is exactly the forward's z_q (eval mode).
+        Otherwise ``indices``/``coeffs`` are atom indices and coefficients as in ``info.atom_indices``/``info.coeffs``
+        (any layout of sites, S last for S > 1); ``coeffs=None`` is then allowed for S = 1 only and means
+        coefficient 1 (the unit atom itself, like VQ): without tokens, a site's indices alone do not give its latent
+        when S > 1."""
         s = self.sparsity
-        if coeffs is None:
-            if s != 1:
-                raise ValueError("coeffs are required to decode sparse codes with sparsity > 1")
-            coeffs = torch.ones(indices.shape, dtype=self.embedding.weight.dtype, device=indices.device)
-        if coeffs.shape != indices.shape:
-            raise ValueError(f"indices and coeffs must have the same shape, got {tuple(indices.shape)} and "
-                             f"{tuple(coeffs.shape)}")
-        if s > 1 and (indices.dim() < 1 or indices.shape[-1] != s):
-            raise ValueError(f"indices must have the sparsity S={s} as their last dimension, got "
-                             f"{tuple(indices.shape)}")
-        site_shape = indices.shape[:-1] if s > 1 else indices.shape
-        idx, cf = indices.reshape(-1, s), coeffs.reshape(-1, s)
-        sites = sparse_decode(idx, cf.to(self.embedding.weight.dtype), self.atoms())
+        if not isinstance(indices, Tensor):
+            raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+        if coeffs is None and self.codec is not None:
+            width = self.codec.tokens_per_site
+            if shape is not None or indices.dim() <= 1:
+                if indices.numel() % width:
+                    raise ValueError(f"a token sequence holds {width} tokens per site (2S, S={s}); got "
+                                     f"{indices.numel()} tokens")
+                indices = indices.reshape(-1, width)
+            idx, bins = self.codec.decode(indices)
+            site_shape = idx.shape[:-1]
+            idx = idx.reshape(-1, s)
+            cf = self._dequantize(idx, bins.reshape(-1, s), self.embedding.weight.dtype)
+        else:
+            if coeffs is None:
+                if s != 1:
+                    raise ValueError("coeffs are required to decode sparse codes with sparsity > 1 (or tokens, with "
+                                     "coeff_bins)")
+                coeffs = torch.ones(indices.shape, dtype=self.embedding.weight.dtype, device=indices.device)
+            if coeffs.shape != indices.shape:
+                raise ValueError(f"indices and coeffs must have the same shape, got {tuple(indices.shape)} and "
+                                 f"{tuple(coeffs.shape)}")
+            if s > 1 and (indices.dim() < 1 or indices.shape[-1] != s):
+                raise ValueError(f"indices must have the sparsity S={s} as their last dimension, got "
+                                 f"{tuple(indices.shape)}")
+            site_shape = indices.shape[:-1] if s > 1 else indices.shape
+            idx, cf = indices.reshape(-1, s), coeffs.reshape(-1, s).to(self.embedding.weight.dtype)
+        sites = sparse_decode(idx, cf, self.atoms())
         if shape is None:
             return sites.reshape(*site_shape, sites.shape[-1])
         b, h, w, c = shape
@@ -285,8 +350,8 @@ class SparseDictBottleneck(nn.Module):
             raise ValueError(f"shape must be (B, H, W, {self.e_dim}) with H, W divisible by the patch size "
                              f"{self.patch_size}, got {tuple(shape)}")
         if idx.shape[0] != b * (h // ph) * (w // pw):
-            raise ValueError(f"shape {tuple(shape)} holds {b * (h // ph) * (w // pw)} coded sites but indices "
-                             f"{tuple(indices.shape)} hold {idx.shape[0]}")
+            raise ValueError(f"shape {tuple(shape)} holds {b * (h // ph) * (w // pw)} coded sites but the codes "
+                             f"given hold {idx.shape[0]}")
         return self._from_sites(sites, b, h, w)
 
     embed_code = get_codebook_entry

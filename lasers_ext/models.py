@@ -161,14 +161,17 @@ class Autoencoder(nn.Module):
 def build_autoencoder(kind: str, *, in_channels: int = 3, hidden: int = 128, res_hidden: int = 32,
                       n_res_blocks: int = 2, n_e: int = 512, e_dim: int = 16, sparsity: int = 5, beta: float = 0.25,
                       patch_size: int = 1, backend: str = "auto", ema_decay: float = 0.99,
-                      dictionary_update: str = "gradient") -> Autoencoder:
+                      dictionary_update: str = "gradient", coeff_bins: int | None = None,
+                      coeff_quant: str = "uniform") -> Autoencoder:
     """The paper's autoencoders: "dl" (DL-VAE: Batch-OMP bottleneck, ``sparsity`` atoms of a 512 x 16 dictionary,
     trained by gradients) or "vq" (VQ-VAE: nearest codeword, EMA codebook with decay ``ema_decay``).
     ``sparsity``, ``patch_size``, ``backend`` and ``dictionary_update`` ("gradient" or the paper's "online"
-    block-coordinate-descent update) apply to "dl" only, ``ema_decay`` to "vq" only."""
+    block-coordinate-descent update), ``coeff_bins`` and ``coeff_quant`` (coefficient tokens for stage 2) apply to
+    "dl" only, ``ema_decay`` to "vq" only."""
     if kind == "dl":
         bottleneck = SparseDictBottleneck(n_e, e_dim, beta, sparsity=sparsity, patch_size=patch_size, backend=backend,
-                                          dictionary_update=dictionary_update)
+                                          dictionary_update=dictionary_update, coeff_bins=coeff_bins,
+                                          coeff_quant=coeff_quant)
     elif kind == "vq":
         bottleneck = VectorQuantizer(n_e, e_dim, beta, ema=True, decay=ema_decay)
     else:

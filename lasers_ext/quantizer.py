@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["QuantizerInfo", "resolve_sizes", "check_quantizer_options", "check_quantizer_call", "usage_statistics",
-           "codebook_loss"]
+           "codebook_loss", "straight_through"]
 
 _ALIASES = {"n_embed": "n_e", "num_embeddings": "n_e", "embedding_dim": "e_dim", "vq_embed_dim": "e_dim"}
 
@@ -55,8 +55,9 @@ def check_quantizer_call(z: object, e_dim: int, temp, rescale_logits: bool, retu
 
 class QuantizerInfo(tuple):
     """The third output of the quantizer: the 3-tuple ``(perplexity, min_encodings, indices)`` taming returns,
-    also readable as attributes (``info.perplexity``, ``info.indices``), with more: ``coeffs`` (same layout as
-    ``indices``; together they are the sparse codes) and the usage statistics of
+    also readable as attributes (``info.perplexity``, ``info.indices``), with more: ``atom_indices`` and ``coeffs``
+    (same layout; together they are the sparse codes; ``indices`` is ``atom_indices`` unless the quantizer makes
+    tokens), ``bins`` with quantised coefficients, and the usage statistics of
     :func:`usage_statistics` (``active_atoms``, ``dead_atoms``, ``weighted_perplexity``, ``coherence``)."""
 
     def __new__(cls, perplexity: Tensor, min_encodings: Tensor | None, indices: Tensor, **extra: Tensor):
@@ -102,6 +103,12 @@ def usage_statistics(indices: Tensor, coeffs: Tensor, atoms: Tensor) -> dict[str
     return {"perplexity": perp, "weighted_perplexity": weighted, "active_atoms": active, "dead_atoms": k - active,
             "coherence": coherence}
 
+
+def straight_through(source: Tensor, value: Tensor) -> Tensor:
+    """The straight-through estimator: ``value`` exactly (equal values where ``source`` is finite), with the gradient
+    of the identity to ``source`` (none to ``value``). Exact, unlike ``source + (value - source).detach()``, so a
+    quantised latent equals what its codes decode to."""
+    return value.detach() + (source - source.detach())
 
 
 def codebook_loss(z_hat: Tensor, x: Tensor, beta: float, legacy: bool) -> Tensor:

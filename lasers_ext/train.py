@@ -45,7 +45,7 @@ MODELS = ("dl-vae", "dl-gan", "vq-vae", "vq-gan")
 CHECKPOINT = "checkpoint.pt"
 # Fields that fix the shapes of the saved tensors: a checkpoint resumes only under the same values.
 _ARCHITECTURE = ("model", "hidden", "res_hidden", "n_res_blocks", "n_e", "e_dim", "sparsity",
-                 "patch_size", "ndf", "disc_layers")
+                 "patch_size", "ndf", "disc_layers", "coeff_bins", "coeff_quant")
 
 
 def _opt(default, help: str, **kw):
@@ -78,6 +78,10 @@ class TrainConfig:
     sparsity: int = _opt(5, "DL only: atoms per latent vector (S)")
     beta: float = _opt(0.25, "commitment weight of the bottleneck loss")
     patch_size: int = _opt(1, "DL only: code non-overlapping patch_size x patch_size latent patches as one vector")
+    coeff_bins: int | None = _opt(None, "DL only: quantise coefficients to this many bins, making the codes stage-2 "
+                                  "tokens (default: real coefficients)")
+    coeff_quant: str = _opt("uniform", "DL only: coefficient levels with --coeff-bins: uniform or mulaw",
+                            choices=("uniform", "mulaw"))
     ema_decay: float = _opt(0.99, "VQ only: EMA decay of the codebook")
     backend: str = _opt("auto", "DL only: Batch-OMP backend (auto, cpu, cuda, triton, reference)")
     dictionary_update: str = _opt("gradient", "DL only: 'gradient' (the optimiser learns the dictionary, codes held "
@@ -137,6 +141,8 @@ class TrainConfig:
         if self.kind == "dl" and self.sparsity > min(self.n_e, self.e_dim * self.patch_size ** 2):
             raise ValueError(f"sparsity must be <= min(n_e, e_dim * patch_size^2) = "
                              f"{min(self.n_e, self.e_dim * self.patch_size ** 2)}, got {self.sparsity}")
+        if self.coeff_bins is not None and self.coeff_bins < 2:
+            raise ValueError(f"coeff_bins must be None or >= 2, got {self.coeff_bins}")
         if self.fid_images == 1:
             raise ValueError("fid_images must be 0 (off) or >= 2")
         return self
@@ -182,7 +188,8 @@ def build_model(cfg: TrainConfig, in_channels: int) -> Autoencoder:
     return build_autoencoder(cfg.kind, in_channels=in_channels, hidden=cfg.hidden, res_hidden=cfg.res_hidden,
                              n_res_blocks=cfg.n_res_blocks, n_e=cfg.n_e, e_dim=cfg.e_dim, sparsity=cfg.sparsity,
                              beta=cfg.beta, patch_size=cfg.patch_size, backend=cfg.backend,
-                             ema_decay=cfg.ema_decay, dictionary_update=cfg.dictionary_update)
+                             ema_decay=cfg.ema_decay, dictionary_update=cfg.dictionary_update,
+                             coeff_bins=cfg.coeff_bins if cfg.kind == "dl" else None, coeff_quant=cfg.coeff_quant)
 
 
 def _seed_everything(seed: int) -> None:
@@ -379,7 +386,7 @@ def evaluate(model: Autoencoder, dataset, *, device: torch.device | str = "cpu",
         sums["flip"] += metrics.flip(x, y)[0].sum().item()
         if lpips is not None:
             sums["lpips"] += lpips(x, y).sum().item()
-        counts += metrics.code_counts(info.indices.cpu(), n_e)
+        counts += metrics.code_counts(info.atom_indices.cpu(), n_e)
         if fid is not None and fid_seen < fid_images:
             take = min(fid_images - fid_seen, len(x))
             fid.update(x[:take], real=True)
@@ -562,7 +569,7 @@ def _train_step(state: TrainState, net: nn.Module, x: Tensor, step: int, rec_los
         d_loss.backward()
         state.opt_d.step()
         stats.update(d_stats)
-    return stats, info.indices.detach().reshape(-1)
+    return stats, info.atom_indices.detach().reshape(-1)
 
 
 def _log_window(ctx: distributed.Context, window: dict[str, list[Tensor]], usage: Tensor, path: Path,

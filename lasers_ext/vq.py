@@ -8,6 +8,8 @@ loss is then the commitment term beta ||z - sg[z_q]||^2 alone.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from .quantizer import (
     check_quantizer_options,
     codebook_loss,
     resolve_sizes,
+    straight_through,
     usage_statistics,
 )
 
@@ -35,7 +38,8 @@ class VectorQuantizer(nn.Module):
         decay: EMA decay (0.99). eps: Laplace smoothing of the EMA cluster sizes.
 
     ``forward(z)`` returns ``(z_q, loss, info)`` with indices (N,) or, with ``sane_index_shape``, (B, H, W);
-    ``info`` also carries ``coeffs`` (ones) and the usage statistics.
+    ``info`` also carries ``atom_indices`` (the same), ``coeffs`` (ones) and the usage statistics. The indices are
+    the stage-2 tokens: ``vocab_size`` = n_e, ``tokens_per_site`` = 1, ``bits_per_site`` = log2 n_e.
     """
 
     def __init__(
@@ -72,6 +76,18 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("embed_avg", torch.zeros(self.n_e, self.e_dim, device=device, dtype=torch.float32))
         self.reset_parameters()
 
+    @property
+    def vocab_size(self) -> int:
+        return self.n_e
+
+    @property
+    def tokens_per_site(self) -> int:
+        return 1
+
+    @property
+    def bits_per_site(self) -> float:
+        return math.log2(self.n_e)
+
     def reset_parameters(self) -> None:
         """taming's initialisation: uniform(-1/n_e, 1/n_e); EMA statistics start from the codebook."""
         with torch.no_grad():
@@ -103,13 +119,14 @@ class VectorQuantizer(nn.Module):
                 loss = self.beta * ((z_q.detach() - z_sites) ** 2).mean()
             else:
                 loss = codebook_loss(z_q, z_sites, self.beta, self.legacy)
-            z_q = z_sites + (z_q - z_sites).detach()
+            z_q = straight_through(z_sites, z_q)
         z_q = z_q.reshape(b, h, w, self.e_dim).permute(0, 3, 1, 2).contiguous().to(z.dtype)
         ones = torch.ones_like(indices, dtype=z.dtype)
         stats = usage_statistics(indices[:, None], ones[:, None], F.normalize(weight.detach(), dim=1))
         if self.sane_index_shape:
             indices, ones = indices.reshape(b, h, w), ones.reshape(b, h, w)
-        return z_q, loss.to(z.dtype), QuantizerInfo(stats.pop("perplexity"), None, indices, coeffs=ones, **stats)
+        return z_q, loss.to(z.dtype), QuantizerInfo(stats.pop("perplexity"), None, indices, atom_indices=indices,
+                                                    coeffs=ones, **stats)
 
     @torch.no_grad()
     def _ema_update(self, z_sites: Tensor, indices: Tensor) -> None:

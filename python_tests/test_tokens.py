@@ -1,0 +1,296 @@
+"""Sparse codes as tokens: the coefficient quantiser, the token codec, and the bottleneck as a stage-2 VQ replacement
+(taming's encode -> info[2].view(B, -1) -> get_codebook_entry call pattern)."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lasers_ext import SparseDictBottleneck, VectorQuantizer, build_autoencoder
+from lasers_ext.tokens import CoefficientQuantizer, TokenCodec
+
+
+def fitted(bins, mode="uniform", low=-2.0, high=3.0, **kw):
+    q = CoefficientQuantizer(bins, mode, **kw)
+    q.fit(torch.tensor([low, high]))
+    return q
+
+
+# ------------------------------------------------------------------------------------------- coefficient quantiser
+@pytest.mark.parametrize("bins", [2, 8, 33])
+def test_uniform_levels_and_nearest_level(gen, bins):
+    q = fitted(bins)
+    expected = -2.0 + 5.0 * np.arange(bins) / (bins - 1)
+    np.testing.assert_allclose(q.levels().numpy(), expected, rtol=0, atol=1e-6)
+    c = torch.empty(5000).uniform_(-3, 4, generator=gen)
+    got = q.quantize(c)
+    oracle = np.abs(c.numpy()[:, None] - expected[None, :]).argmin(1)  # brute-force nearest level
+    # ties between two levels (measure zero) aside, the nearest level wins
+    gap = np.abs(np.abs(c.numpy() - expected[got.numpy()]) - np.abs(c.numpy() - expected[oracle]))
+    assert (gap < 1e-5).all()
+    assert got.dtype == torch.int64 and got.min() >= 0 and got.max() < bins
+    assert torch.equal(q.quantize(q.levels()), torch.arange(bins))  # every level is its own bin
+    assert torch.equal(q.quantize(torch.tensor([-100.0, 100.0])), torch.tensor([0, bins - 1]))  # clipped to the ends
+
+
+def test_mulaw_levels_follow_the_companding_law(gen):
+    mu, bins = 255.0, 16
+    q = fitted(bins, "mulaw", low=-1.0, high=1.0, mu=mu)
+    y = np.linspace(-1, 1, bins)
+    expected = np.sign(y) * np.expm1(np.abs(y) * np.log1p(mu)) / mu
+    np.testing.assert_allclose(q.levels().numpy(), expected, rtol=1e-5, atol=1e-7)
+    assert (np.diff(expected)[bins // 2 - 1] < np.diff(expected)[0])  # denser near the centre
+    c = torch.empty(4000).uniform_(-1, 1, generator=gen)
+    companded = np.sign(c.numpy()) * np.log1p(mu * np.abs(c.numpy())) / np.log1p(mu)
+    oracle = np.abs(companded[:, None] - y[None, :]).argmin(1)
+    got = q.quantize(c).numpy()
+    close = np.abs(np.abs(companded - y[got]) - np.abs(companded - y[oracle])) < 1e-5
+    assert close.all()
+
+
+def test_round_trip_is_exact_on_quantised_values(gen):
+    q = fitted(16, "mulaw")
+    c = torch.randn(1000, generator=gen)
+    values = q.dequantize(q.quantize(c))
+    assert torch.equal(q.dequantize(q.quantize(values)), values)
+
+
+def test_straight_through_gradient_of_the_rounding(gen):
+    q = fitted(8).eval()
+    c = torch.randn(50, generator=gen).requires_grad_()
+    out = q(c)
+    assert torch.equal(out.detach(), q.dequantize(q.quantize(c.detach())))
+    g = torch.randn(50, generator=gen)
+    (grad,) = torch.autograd.grad((out * g).sum(), c)
+    assert torch.equal(grad, g)  # the rounding counts as the identity
+
+
+def test_unfitted_range_is_an_error_and_fit_takes_quantiles(gen):
+    q = CoefficientQuantizer(8)
+    with pytest.raises(RuntimeError, match="never fitted"):
+        q.quantize(torch.zeros(3))
+    c = torch.randn(10000, generator=gen, dtype=torch.float64)
+    valid = torch.rand(10000, generator=gen) < 0.7
+    q.fit(c, valid, quantile=0.99)
+    kept = c[valid].numpy()
+    assert q.low.item() == pytest.approx(np.quantile(kept, 0.01), rel=1e-5)
+    assert q.high.item() == pytest.approx(np.quantile(kept, 0.99), rel=1e-5)
+    with pytest.raises(ValueError, match="at least one"):
+        CoefficientQuantizer(8).fit(torch.tensor([float("nan")]))
+
+
+def test_moving_average_range_by_hand():
+    q = CoefficientQuantizer(8, decay=0.9)
+    valid = torch.tensor([True, True, True, False])
+    q.observe(torch.tensor([0.5, -1.0, 2.0, 100.0]), valid)  # the first batch sets the range; masked slot ignored
+    assert (q.low.item(), q.high.item(), bool(q.fitted)) == (-1.0, 2.0, True)
+    q.observe(torch.tensor([-3.0, 1.0, float("nan"), 0.0]))  # non-finite values ignored
+    assert q.low.item() == pytest.approx(0.9 * -1.0 + 0.1 * -3.0)
+    assert q.high.item() == pytest.approx(0.9 * 2.0 + 0.1 * 1.0)
+    before = (q.low.clone(), q.high.clone())
+    q.observe(torch.ones(3), torch.zeros(3, dtype=torch.bool))  # nothing valid: unchanged
+    assert torch.equal(q.low, before[0]) and torch.equal(q.high, before[1])
+
+
+def test_quantiser_state_dict_round_trip(gen):
+    q = fitted(16, "mulaw", low=-0.7, high=1.9)
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    buf.seek(0)
+    other = CoefficientQuantizer(16, "mulaw")
+    other.load_state_dict(torch.load(buf))
+    c = torch.randn(500, generator=gen)
+    assert torch.equal(other.quantize(c), q.quantize(c)) and torch.equal(other.levels(), q.levels())
+
+
+@pytest.mark.parametrize("kwargs", [{"bins": 1}, {"bins": 2.0}, {"bins": 8, "mode": "log"}, {"bins": 8, "mu": 0},
+                                    {"bins": 8, "decay": 1.0}])
+def test_quantiser_arguments_are_checked(kwargs):
+    with pytest.raises(ValueError):
+        CoefficientQuantizer(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------- token codec
+def random_codes(gen, n, k, b, s):
+    indices = torch.randint(0, k, (n, s), generator=gen)
+    used = torch.randint(0, s + 1, (n, 1), generator=gen)  # each site uses a prefix of its slots
+    indices = torch.where(torch.arange(s) < used, indices, -1)
+    return indices, torch.randint(0, b, (n, s), generator=gen)
+
+
+@pytest.mark.parametrize("s", [1, 2, 5])
+def test_codec_round_trip_and_layout(gen, s):
+    k, b = 37, 8
+    codec = TokenCodec(k, b, s)
+    assert (codec.vocab_size, codec.pad_id, codec.tokens_per_site) == (k + b + 1, k + b, 2 * s)
+    assert codec.bits_per_site == pytest.approx(s * (math.log2(k) + 3))
+    indices, bins = random_codes(gen, 500, k, b, s)
+    tokens = codec.encode(indices, bins)
+    assert tokens.shape == (500, 2 * s) and tokens.dtype == torch.int64
+    assert ((tokens >= 0) & (tokens < codec.vocab_size)).all()
+    atom_pos, bin_pos = tokens[:, 0::2], tokens[:, 1::2]
+    assert ((atom_pos < k) | (atom_pos == codec.pad_id)).all() and (bin_pos >= k).all()
+    used = atom_pos != codec.pad_id
+    assert (used[:, 1:] <= used[:, :-1]).all()  # pads only after the last used slot
+    idx, got_bins = codec.decode(tokens)
+    assert torch.equal(idx, indices) and torch.equal(got_bins[idx >= 0], bins[idx >= 0])
+    assert (got_bins[idx < 0] == 0).all()
+
+
+@pytest.mark.parametrize("tokens, match", [
+    ([0, 46, 1, 37], r"\[0, 46\)"),          # id out of range
+    ([-1, 37, 1, 38], r"\[0, 46\)"),         # negative id
+    ([37, 37, 1, 38], "even positions"),     # a bin id where an atom belongs
+    ([0, 1, 1, 38], "odd positions"),        # an atom id where a bin belongs
+    ([0, 45, 1, 38], "half padded"),         # atom used, bin padded
+    ([45, 45, 1, 38], "follows a pad"),      # a used slot after a pad
+])
+def test_codec_rejects_invalid_tokens(tokens, match):
+    codec = TokenCodec(37, 8, 2)  # ids: atoms 0..36, bins 37..44, pad 45
+    assert torch.equal(codec.decode(torch.tensor([[0, 40, 1, 44]]))[1], torch.tensor([[3, 7]]))
+    t = torch.tensor([tokens])
+    with pytest.raises(ValueError, match=match):
+        codec.decode(t)
+
+
+def test_codec_rejects_wrong_shapes_and_dtypes():
+    codec = TokenCodec(10, 4, 3)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 6\)"):
+        codec.decode(torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer"):
+        codec.decode(torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="shape"):
+        codec.encode(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------ the bottleneck's tokens
+def trained_bottleneck(gen, sparsity, patch=1, mode="uniform", bins=16, **kw):
+    q = SparseDictBottleneck(24, 4, sparsity=sparsity, patch_size=patch, coeff_bins=bins, coeff_quant=mode, **kw)
+    q.train()
+    q(torch.randn(4, 4, 8, 8, generator=gen))  # training mode tracks the coefficient range
+    return q.eval()
+
+
+@pytest.mark.parametrize("sparsity, patch, sane, mode", [(1, 1, False, "uniform"), (3, 1, False, "mulaw"),
+                                                         (3, 2, True, "uniform"), (5, 2, False, "mulaw")])
+def test_taming_stage2_round_trip_is_exact(gen, sparsity, patch, sane, mode):
+    q = trained_bottleneck(gen, sparsity, patch, mode, sane_index_shape=sane)
+    z = torch.randn(2, 4, 6, 8, generator=gen)
+    z_q, _, info = q(z)
+    sites = 2 * (6 // patch) * (8 // patch)
+    tokens = info[2]
+    assert tokens.shape == ((2, 6 // patch, 8 // patch, 2 * sparsity) if sane else (sites, 2 * sparsity))
+    assert ((tokens >= 0) & (tokens < q.vocab_size)).all()
+    seq = info[2].view(2, -1)  # taming's Net2NetTransformer line
+    assert seq.shape == (2, sites // 2 * q.tokens_per_site)
+    decoded = q.get_codebook_entry(seq.reshape(-1), shape=(2, 6, 8, 4))
+    assert torch.equal(decoded, z_q)  # exactly the forward's latent
+    # the atom ids and quantised coefficients of info agree with the tokens
+    idx, bins = q.codec.decode(tokens.reshape(-1, 2 * sparsity))
+    assert torch.equal(idx, info.atom_indices.reshape(-1, sparsity))
+    levels = q.coeff_quantizer.levels()
+    used = idx >= 0
+    assert torch.equal(info.coeffs.reshape(-1, sparsity)[used], levels[bins[used]])
+    # per-site decoding (shape=None) gives the same latents site by site
+    per_site = q.get_codebook_entry(tokens, None)
+    assert per_site.shape == (*tokens.shape[:-1], 4 * patch * patch)
+
+
+def test_early_stopped_sites_pad_and_still_round_trip(gen):
+    q = trained_bottleneck(gen, 4)
+    z = torch.randn(1, 4, 4, 4, generator=gen)
+    z[0, :, 0, 0] = 0  # a zero site uses no atom
+    z[0, :, 1, 1] = q.atoms()[3].detach() * 2  # exactly one atom
+    z_q, _, info = q(z)
+    tokens = info[2]
+    pad = q.codec.pad_id
+    assert (tokens[0] == pad).all()
+    assert tokens[5, 0] == 3 and (tokens[5, 2:] == pad).all()
+    assert torch.equal(q.get_codebook_entry(tokens.reshape(-1), (1, 4, 4, 4)), z_q)
+    assert torch.equal(z_q[0, :, 0, 0], torch.zeros(4))
+
+
+def test_real_model_stage2_pattern(gen):
+    torch.manual_seed(0)
+    model = build_autoencoder("dl", in_channels=3, hidden=16, res_hidden=8, n_res_blocks=1, n_e=32, e_dim=8,
+                              sparsity=3, coeff_bins=8, coeff_quant="mulaw")
+    x = torch.rand(2, 3, 16, 16, generator=gen) * 2 - 1
+    model.train()
+    model(x)
+    model.eval()
+    with torch.no_grad():
+        quant_z, _, info = model.encode(x)
+        indices = info[2].view(quant_z.shape[0], -1)  # taming: Net2NetTransformer.encode_to_z
+        bhwc = (quant_z.shape[0], quant_z.shape[2], quant_z.shape[3], quant_z.shape[1])
+        z = model.bottleneck.get_codebook_entry(indices.reshape(-1), shape=bhwc)  # taming: decode_to_img
+        assert torch.equal(z, quant_z)
+        assert torch.equal(model.decode(z), model(x)[0])
+
+
+def test_bits_and_vocabulary_attributes():
+    q = SparseDictBottleneck(512, 16, sparsity=5, coeff_bins=32)
+    assert (q.vocab_size, q.tokens_per_site, q.bits_per_site) == (512 + 32 + 1, 10, 5 * (9 + 5))
+    plain = SparseDictBottleneck(512, 16, sparsity=5)
+    assert (plain.vocab_size, plain.tokens_per_site, plain.bits_per_site) == (None, None, None)
+    vq = VectorQuantizer(1024, 16)
+    assert (vq.vocab_size, vq.tokens_per_site, vq.bits_per_site) == (1024, 1, 10)
+    assert "coeff_quantizer" in repr(q) and "bins=32" in repr(q)
+
+
+def test_training_forward_quantises_and_trains(gen):
+    q = SparseDictBottleneck(24, 4, sparsity=3, coeff_bins=8)
+    z = torch.randn(2, 4, 4, 4, generator=gen, requires_grad=True)
+    z_q, loss, info = q(z)
+    assert bool(q.coeff_quantizer.fitted)
+    used = info.atom_indices >= 0
+    levels = q.coeff_quantizer.levels()
+    assert torch.isin(info.coeffs[used], levels).all()  # the decoder sees quantised coefficients
+    (z_q.sum() + loss).backward()
+    assert z.grad is not None and q.embedding.weight.grad is not None
+    assert torch.isfinite(z.grad).all() and q.embedding.weight.grad.abs().sum() > 0
+
+
+def test_state_dict_round_trip_keeps_tokens(gen):
+    q = trained_bottleneck(gen, 3, mode="mulaw")
+    other = SparseDictBottleneck(24, 4, sparsity=3, coeff_bins=16, coeff_quant="mulaw").eval()
+    other.load_state_dict(q.state_dict())
+    z = torch.randn(1, 4, 4, 4, generator=gen)
+    assert torch.equal(other(z)[2][2], q(z)[2][2])
+    assert {"coeff_quantizer.low", "coeff_quantizer.high", "coeff_quantizer.fitted"} <= set(q.state_dict())
+
+
+def test_bad_token_inputs_give_clear_errors(gen):
+    q = trained_bottleneck(gen, 3)
+    z = torch.randn(1, 4, 4, 4, generator=gen)
+    tokens = q(z)[2][2]
+    flat = tokens.reshape(-1)
+    with pytest.raises(ValueError, match="6 tokens per site"):
+        q.get_codebook_entry(flat[:-1], (1, 4, 4, 4))
+    with pytest.raises(ValueError, match="holds 16 coded sites"):
+        q.get_codebook_entry(flat[:-6], (1, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"\(B, H, W, 4\)"):
+        q.get_codebook_entry(flat, (1, 4, 4, 5))
+    bad = flat.clone()
+    bad[0] = q.vocab_size
+    with pytest.raises(ValueError, match="vocab_size"):
+        q.get_codebook_entry(bad, (1, 4, 4, 4))
+    with pytest.raises(TypeError, match="integer"):
+        q.get_codebook_entry(flat.float(), (1, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"\(\.\.\., 6\)"):
+        q.get_codebook_entry(tokens[:, :4], None)
+    with pytest.raises(RuntimeError, match="never fitted"):
+        SparseDictBottleneck(24, 4, sparsity=3, coeff_bins=8).eval()(z)
+    with pytest.raises(ValueError, match="coeff_quant"):
+        SparseDictBottleneck(24, 4, coeff_bins=8, coeff_quant="log")
+    with pytest.raises(ValueError, match="bins"):
+        SparseDictBottleneck(24, 4, coeff_bins=1)
+
+
+def test_compiled_forward_with_tokens_matches_eager(gen):
+    q = trained_bottleneck(gen, 3)
+    z = torch.randn(2, 4, 4, 4, generator=gen)
+    eager = q(z)
+    compiled = torch.compile(q, fullgraph=True, backend="eager")(z)
+    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[2][2], eager[2][2])
