@@ -4,6 +4,7 @@
     lasers train --model dl-gan --data cifar10 --data-root ~/data/cifar-10-batches-py --out runs/dlgan
     lasers eval runs/dlgan --fid-images 1000
     lasers reconstruct runs/dlgan photo1.png photo2.png --out recon.png
+    lasers rate-distortion --out runs/rd --steps 600  # PSNR against bits per site, DL (S x bins) vs VQ (K)
     torchrun --nproc_per_node=4 -m lasers_ext.cli train --batch-size 256 ...   # DDP, same flags
 
 Every training option can also come from a JSON file (``--config run.json``, a flat object of option names, or a
@@ -49,6 +50,15 @@ if not _MISSING:
     from .train import TrainConfig, compare, evaluate_run, format_results_table, load_run, train
 
 COMPARE_DEFAULTS = {"out": "runs/compare"}  # the two runs go to OUT/vq-vae and OUT/dl-vae (or -gan)
+RD_DEFAULTS = {"out": "runs/rate-distortion", "steps": 600}  # one run per grid cell under OUT
+
+
+def _int_list(text: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3] for argparse."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _add_config_options(parser: argparse.ArgumentParser, **defaults) -> None:
@@ -95,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "paper's Table 1 columns side by side")
     p.add_argument("--gan", action="store_true", help="compare VQ-GAN with DL-GAN instead of VQ-VAE with DL-VAE")
     _add_config_options(p, **COMPARE_DEFAULTS)
+
+    p = sub.add_parser("rate-distortion", help="train a grid of short DL-VAE (sparsity x coefficient bins) and VQ-VAE "
+                       "(codebook size) runs and plot PSNR against bits per latent site")
+    p.add_argument("--sparsities", type=_int_list, default=[1, 2, 3, 5], help="DL sparsities S (default: 1,2,3,5)")
+    p.add_argument("--bins", type=_int_list, default=[8, 16, 32], help="DL coefficient bins B (default: 8,16,32)")
+    p.add_argument("--codebooks", type=_int_list, default=[64, 256, 1024, 4096],
+                   help="VQ codebook sizes K (default: 64,256,1024,4096); DL uses --n-e atoms")
+    _add_config_options(p, **RD_DEFAULTS)
 
     p = sub.add_parser("eval", help="evaluate a trained run on its test split (writes eval.json and eval.md)")
     p.add_argument("run", type=Path, help="run directory")
@@ -178,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(format_results_table({result["model"]: result}))
         elif args.command == "compare":
             compare(_config_from(args, **COMPARE_DEFAULTS), gan=args.gan)
+        elif args.command == "rate-distortion":
+            from .sweep import rate_distortion
+
+            rate_distortion(_config_from(args, **RD_DEFAULTS), sparsities=args.sparsities, bins=args.bins,
+                            codebooks=args.codebooks)
         elif args.command == "eval":
             result = evaluate_run(args.run, device=args.device, max_images=args.eval_images,
                                   fid_images=args.fid_images)

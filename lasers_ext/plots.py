@@ -20,8 +20,8 @@ from PIL import Image
 from scipy.signal import savgol_filter
 from torch import Tensor
 
-__all__ = ["plot_atom_embedding", "plot_training_curves", "save_atom_images", "save_flip_heatmaps",
-           "save_image_grid", "save_reconstruction_grid"]
+__all__ = ["plot_atom_embedding", "plot_rate_distortion", "plot_training_curves", "save_atom_images",
+           "save_flip_heatmaps", "save_image_grid", "save_reconstruction_grid"]
 
 _SAVGOL_POLYORDER = 2
 _ATOM_TILE_PX = 32  # atoms are enlarged (nearest neighbour, integer factor) to about this many pixels
@@ -185,6 +185,34 @@ def plot_training_curves(runs: Mapping[str, Sequence[Mapping]], path: str | Path
             ax.legend()
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    path = _prepare(path)
+    fig.savefig(path)
+    return path
+
+
+def plot_rate_distortion(curves: Mapping[str, Sequence[tuple[float, float, str]]], path: str | Path,
+                         ylabel: str = "PSNR (dB)") -> Path:
+    """Distortion against rate: one marker series per curve name, points (bits per site, value, label), each point
+    annotated with its label (e.g. "S=2 B=16"), and the curve's upper envelope (the best value at or below each
+    rate) drawn as a line."""
+    if not curves or not any(curves.values()):
+        raise ValueError("need at least one curve with points")
+    fig = _new_figure(6.4, 4.4)
+    ax = fig.subplots()
+    for i, (name, points) in enumerate(curves.items()):
+        pts = sorted((float(b), float(v), str(lab)) for b, v, lab in points if math.isfinite(v) and math.isfinite(b))
+        if not pts:
+            continue
+        bits, values = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+        ax.scatter(bits, values, color=f"C{i}", label=name, zorder=3)
+        ax.plot(bits, np.maximum.accumulate(values), color=f"C{i}", alpha=0.6)
+        for b, v, lab in pts:
+            ax.annotate(lab, (b, v), textcoords="offset points", xytext=(3, 3), fontsize=7, color=f"C{i}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bits per latent site (log scale)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
     path = _prepare(path)
     fig.savefig(path)
     return path

@@ -202,7 +202,7 @@ def _run_main(argv, capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("command", ["train", "compare", "eval", "reconstruct", None])
+@pytest.mark.parametrize("command", ["train", "compare", "eval", "reconstruct", "rate-distortion", None])
 def test_cli_help_mentions_every_option(command, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     with pytest.raises(SystemExit) as exit_info:
@@ -224,8 +224,11 @@ def test_cli_help_mentions_every_option(command, capsys, monkeypatch):
     elif command == "reconstruct":
         for flag in ("run", "images", "--count", "--out"):
             assert flag in text
+    elif command == "rate-distortion":
+        for flag in ("--sparsities", "--bins", "--codebooks", "--coeff-quant", "--steps", "(default: 600)"):
+            assert flag in text
     else:
-        for sub in ("train", "compare", "eval", "reconstruct"):
+        for sub in ("train", "compare", "eval", "reconstruct", "rate-distortion"):
             assert sub in text
 
 
@@ -272,12 +275,14 @@ def test_cli_cuda_without_gpu_exits_2(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------------- resume, atomicity
-@pytest.mark.parametrize("model", ["dl-vae", "vq-vae", "dl-gan", "dl-vae-online"])
+@pytest.mark.parametrize("model", ["dl-vae", "vq-vae", "dl-gan", "dl-vae-online", "dl-vae-tokens"])
 def test_crash_and_resume_equals_uninterrupted_run(tmp_path, no_pictures, model):
     # 48 crops / batch 8 = 6 batches per epoch: the checkpoint at step 4 is mid-epoch and step 7 starts epoch 1.
     extra = dict(disc_start=2, ndf=8, disc_layers=2) if model == "dl-gan" else {}
     if model == "dl-vae-online":  # the paper's online dictionary update (its statistics must resume too)
         model, extra = "dl-vae", dict(dictionary_update="online")
+    if model == "dl-vae-tokens":  # quantised coefficients: the tracked range must resume too
+        model, extra = "dl-vae", dict(coeff_bins=8, coeff_quant="mulaw")
     cfg_a = TrainConfig(**{**TINY, "train_length": 48, "steps": 8, "checkpoint_every": 4, "eval_images": 4},
                         model=model, out=str(tmp_path / "a"), **extra)
     cfg_b = dataclasses.replace(cfg_a, out=str(tmp_path / "b"))
@@ -314,6 +319,8 @@ def test_crash_and_resume_equals_uninterrupted_run(tmp_path, no_pictures, model)
         assert any("ema" in name or "cluster" in name for name in ckpt_a["model"]), list(ckpt_a["model"])
     if model == "dl-gan":
         assert ckpt_a["gan"] is not None and ckpt_a["opt_d"]["state"]  # the discriminator was trained
+    if extra.get("coeff_bins"):
+        assert bool(ckpt_a["model"]["bottleneck.coeff_quantizer.fitted"])
     _assert_same(load_run(run_a)[1].state_dict(), load_run(run_b)[1].state_dict(), "load_run")
     assert result_a == result_b
 

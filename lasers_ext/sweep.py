@@ -1,0 +1,139 @@
+"""Grids of short trainings, resumable cell by cell, and the rate-distortion comparison of the two bottlenecks.
+
+``lasers rate-distortion --out runs/rd`` trains DL-VAEs with quantised coefficients (sparsity S x coefficient bins B)
+and VQ-VAEs (codebook size K) on the same data and budget, then draws reconstruction PSNR against bits per latent
+site: S (log2 K + log2 B) for DL, log2 K for VQ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import plots
+from .train import TrainConfig, train
+
+__all__ = ["run_grid", "rate_distortion", "rate_matched", "RD_DEFAULTS"]
+
+# the issue's grid: DL sparsity x bins at the run's K, VQ codebook sizes
+RD_DEFAULTS = {"sparsities": (1, 2, 3, 5), "bins": (8, 16, 32), "codebooks": (64, 256, 1024, 4096)}
+# options that do not change what a finished cell computed
+_NOT_RESULTS = ("out", "progress", "device", "workers")
+
+
+def _finished(cfg: TrainConfig) -> dict | None:
+    """The evaluation of a cell already trained to ``cfg.steps`` with the same settings, else None."""
+    out = Path(cfg.out)
+    try:
+        result = json.loads((out / "eval.json").read_text())
+        saved = json.loads((out / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return None
+    wanted = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_RESULTS}
+    same = all(saved.get(k) == v for k, v in wanted.items())
+    return result if same and result.get("step") == cfg.steps else None
+
+
+def run_grid(base: TrainConfig, cells: Sequence[tuple[str, dict]]) -> dict[str, dict]:
+    """Trains each cell (name, TrainConfig overrides) into ``base.out``/name and returns {name: evaluation}.
+    Cells finished with the same settings are read back, not retrained; an interrupted cell resumes from its
+    checkpoint. Every cell is validated before the first one trains."""
+    names = [name for name, _ in cells]
+    if len(set(names)) != len(names):
+        raise ValueError(f"cell names must be unique, got {names}")
+    configs = [dataclasses.replace(base, out=str(Path(base.out) / name), **overrides).validate()
+               for name, overrides in cells]
+    results: dict[str, dict] = {}
+    for i, (name, cfg) in enumerate(zip(names, configs), 1):
+        done = _finished(cfg)
+        print(f"[{i}/{len(cells)}] {name}: {'finished, read back' if done else 'training'}", file=sys.stderr)
+        results[name] = done if done is not None else train(cfg)
+    return results
+
+
+def _positive_ints(name: str, values: Sequence[int], minimum: int = 1) -> tuple[int, ...]:
+    values = tuple(values)
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values):
+        raise ValueError(f"{name} must be a non-empty list of ints >= {minimum}, got {list(values)}")
+    return tuple(sorted(set(values)))
+
+
+def rate_matched(rows: Sequence[dict], key: str = "psnr") -> list[dict]:
+    """Equal-rate comparison: at every rate of the grid where both bottlenecks have a point at or below it, the
+    best ``key`` each reaches within that many bits per site (the upper envelope of its curve)."""
+    def envelope(kind: str, rate: float) -> dict | None:
+        within = [r for r in rows if r["bottleneck"] == kind and r["bits_per_site"] <= rate + 1e-9]
+        return max(within, key=lambda r: r[key]) if within else None
+
+    out = []
+    for rate in sorted({r["bits_per_site"] for r in rows}):
+        dl, vq = envelope("DL", rate), envelope("VQ", rate)
+        if dl is not None and vq is not None:
+            out.append({"bits_per_site": rate, "dl": dl["cell"], "dl_" + key: dl[key], "vq": vq["cell"],
+                        "vq_" + key: vq[key], "difference": dl[key] - vq[key]})
+    return out
+
+
+def _table(rows: list[dict], matched: list[dict]) -> str:
+    lines = ["| bottleneck | K | S | B | bits / site | PSNR (dB) | SSIM | perplexity | active atoms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["bottleneck"], r["bits_per_site"])):
+        lines.append(f"| {r['bottleneck']} | {r['K']} | {r['S']} | {r['B'] or '-'} | {r['bits_per_site']:.1f} | "
+                     f"{r['psnr']:.2f} | {r['ssim']:.4f} | {r['perplexity']:.1f} | {r['active_atoms']} |")
+    lines += ["", "Equal rate: the best PSNR each bottleneck reaches within a budget of bits per site.", "",
+              "| budget (bits / site) | DL cell | DL PSNR | VQ cell | VQ PSNR | DL - VQ (dB) |",
+              "|---|---|---|---|---|---|"]
+    for m in matched:
+        lines.append(f"| {m['bits_per_site']:.1f} | {m['dl']} | {m['dl_psnr']:.2f} | {m['vq']} | "
+                     f"{m['vq_psnr']:.2f} | {m['difference']:+.2f} |")
+    if not matched:
+        lines.append("| - | no budget holds a point of both | | | | |")
+    return "\n".join(lines)
+
+
+def rate_distortion(base: TrainConfig, *, sparsities: Sequence[int] = RD_DEFAULTS["sparsities"],
+                    bins: Sequence[int] = RD_DEFAULTS["bins"],
+                    codebooks: Sequence[int] = RD_DEFAULTS["codebooks"]) -> dict:
+    """Trains the grid (DL-VAE at ``base.n_e`` atoms for every sparsity x bins; VQ-VAE for every codebook size)
+    into ``base.out``, writes rate_distortion.md/.json and pictures/rate_distortion.png there, prints the table and
+    returns {"rows": [...], "equal_rate": [...]}. ``base.model`` is ignored (both autoencoders are trained)."""
+    sparsities = _positive_ints("sparsities", sparsities)
+    bins = _positive_ints("bins", bins, minimum=2)
+    codebooks = _positive_ints("codebooks", codebooks)
+    limit = min(base.n_e, base.e_dim * base.patch_size ** 2)
+    if max(sparsities) > limit:
+        raise ValueError(f"sparsities must be <= min(n_e, e_dim * patch_size^2) = {limit}, got {max(sparsities)}")
+    cells: list[tuple[str, dict]] = []
+    meta: dict[str, dict] = {}
+    for s in sparsities:
+        for b in bins:
+            name = f"dl-s{s}-b{b}"
+            cells.append((name, {"model": "dl-vae", "sparsity": s, "coeff_bins": b}))
+            meta[name] = {"bottleneck": "DL", "K": base.n_e, "S": s, "B": b,
+                          "bits_per_site": s * (math.log2(base.n_e) + math.log2(b))}
+    for k in codebooks:
+        name = f"vq-k{k}"
+        cells.append((name, {"model": "vq-vae", "n_e": k, "coeff_bins": None}))
+        meta[name] = {"bottleneck": "VQ", "K": k, "S": 1, "B": None, "bits_per_site": math.log2(k)}
+    results = run_grid(base, cells)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}
+    rows = [{"cell": name, **meta[name], "psnr": r["psnr"], "ssim": r["ssim"], "perplexity": r["perplexity"],
+             "active_atoms": r["active_atoms"], "step": r["step"]} for name, r in results.items()]
+    matched = rate_matched(rows)
+    out = Path(base.out)
+    table = _table(rows, matched)
+    (out / "rate_distortion.md").write_text(table + "\n")
+    (out / "rate_distortion.json").write_text(json.dumps({"rows": rows, "equal_rate": matched}, indent=2) + "\n")
+    curves = {f"DL-VAE (K={base.n_e})": [(r["bits_per_site"], r["psnr"], f"S={r['S']} B={r['B']}")
+                                         for r in rows if r["bottleneck"] == "DL"],
+              "VQ-VAE": [(r["bits_per_site"], r["psnr"], f"K={r['K']}") for r in rows if r["bottleneck"] == "VQ"]}
+    plots.plot_rate_distortion(curves, out / "pictures" / "rate_distortion.png")
+    print(table)
+    print(f"\ntable: {out / 'rate_distortion.md'}; plot: {out / 'pictures' / 'rate_distortion.png'}")
+    return {"rows": rows, "equal_rate": matched}

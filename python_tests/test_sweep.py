@@ -1,0 +1,90 @@
+"""lasers_ext.sweep: grids of short trainings and the rate-distortion comparison (``lasers rate-distortion``).
+
+Oracles: the bits-per-site formulas (S (log2 K + log2 B) for DL, log2 K for VQ), each cell's own eval.json and
+checkpoint, a hand-made equal-rate example, and the files the command promises, read back."""
+
+import json
+import math
+from contextlib import nullcontext
+
+import pytest
+from PIL import Image
+
+from lasers_ext import sweep
+from lasers_ext import train as train_mod
+from lasers_ext.cli import main
+from lasers_ext.train import TrainConfig, load_run
+
+TINY = dict(hidden=16, res_hidden=8, n_e=32, e_dim=4, image_size=16, train_length=16, batch_size=8, eval_images=4,
+            steps=2, log_every=1, checkpoint_every=2, eval_every=0, progress=False, device="cpu")
+
+
+@pytest.fixture
+def no_pictures(monkeypatch):
+    monkeypatch.setattr(train_mod, "_run_pictures", lambda *args, **kwargs: None)
+
+
+def test_rate_distortion_grid_end_to_end_and_resume(tmp_path, no_pictures, capsys, monkeypatch):
+    base = TrainConfig(**TINY, out=str(tmp_path / "rd"))
+    result = sweep.rate_distortion(base, sparsities=[1, 2], bins=[4, 8], codebooks=[8, 64])
+    rows = {r["cell"]: r for r in result["rows"]}
+    assert set(rows) == {"dl-s1-b4", "dl-s1-b8", "dl-s2-b4", "dl-s2-b8", "vq-k8", "vq-k64"}
+    for name, r in rows.items():
+        cfg, model, step = load_run(tmp_path / "rd" / name)
+        evaluation = json.loads((tmp_path / "rd" / name / "eval.json").read_text())
+        assert step == 2 and r["psnr"] == evaluation["psnr"] and r["perplexity"] == evaluation["perplexity"]
+        if r["bottleneck"] == "DL":
+            assert cfg.model == "dl-vae" and (cfg.sparsity, cfg.coeff_bins) == (r["S"], r["B"])
+            assert r["bits_per_site"] == pytest.approx(r["S"] * (math.log2(32) + math.log2(r["B"])))
+            assert model.bottleneck.bits_per_site == pytest.approx(r["bits_per_site"])
+        else:
+            assert cfg.model == "vq-vae" and cfg.n_e == r["K"] and cfg.coeff_bins is None
+            assert r["bits_per_site"] == pytest.approx(math.log2(r["K"]))
+    table = (tmp_path / "rd" / "rate_distortion.md").read_text()
+    assert "| DL | 32 | 2 | 8 | 16.0 |" in table and "| VQ | 64 | 1 | - | 6.0 |" in table
+    assert table.split("\n\n")[0] in capsys.readouterr().out
+    assert json.loads((tmp_path / "rd" / "rate_distortion.json").read_text()) == json.loads(json.dumps(result))
+    with Image.open(tmp_path / "rd" / "pictures" / "rate_distortion.png") as im:
+        assert im.format == "PNG" and im.width > 100
+
+    def no_training(cfg, **kwargs):
+        raise AssertionError(f"{cfg.out} was finished and must not train again")
+
+    monkeypatch.setattr(sweep, "train", no_training)
+    again = sweep.rate_distortion(base, sparsities=[1, 2], bins=[4, 8], codebooks=[8, 64])
+    assert again == result
+    # a longer budget resumes the finished cells (here: one cell) from their checkpoints
+    resumed = []
+    monkeypatch.setattr(sweep, "train", lambda cfg, **kw: resumed.append(cfg) or train_mod.train(cfg))
+    longer = sweep.rate_distortion(TrainConfig(**{**TINY, "steps": 3}, out=str(tmp_path / "rd")), sparsities=[1],
+                                   bins=[4], codebooks=[8])
+    assert [c.out for c in resumed] == [str(tmp_path / "rd" / n) for n in ("dl-s1-b4", "vq-k8")]
+    assert {r["step"] for r in longer["rows"]} == {3}
+
+
+def test_rate_matched_by_hand():
+    rows = [{"cell": "dl-a", "bottleneck": "DL", "bits_per_site": 12.0, "psnr": 20.0},
+            {"cell": "dl-b", "bottleneck": "DL", "bits_per_site": 24.0, "psnr": 19.0},
+            {"cell": "vq-a", "bottleneck": "VQ", "bits_per_site": 6.0, "psnr": 15.0},
+            {"cell": "vq-b", "bottleneck": "VQ", "bits_per_site": 12.0, "psnr": 21.0}]
+    matched = sweep.rate_matched(rows)
+    # 6 bits: no DL point; 12: DL 20 vs VQ 21; 24: DL's best within 24 bits is still dl-a (the envelope)
+    assert [(m["bits_per_site"], m["dl"], m["vq"], m["difference"]) for m in matched] == [
+        (12.0, "dl-a", "vq-b", -1.0), (24.0, "dl-a", "vq-b", -1.0)]
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--sparsities", "1,x"], "comma-separated integers"),
+    (["--sparsities", "0"], "sparsities must be a non-empty list"),
+    (["--bins", "1"], "bins must be a non-empty list of ints >= 2"),
+    (["--codebooks", ""], "codebooks must be a non-empty list"),
+    (["--sparsities", "9"], "sparsities must be <="),
+])
+def test_cli_rate_distortion_bad_grids_exit_2(tmp_path, capsys, flags, expected):
+    argv = ["rate-distortion", "--out", str(tmp_path / "rd"), "--n-e", "8", "--e-dim", "4", "--sparsity", "1", *flags]
+    with pytest.raises(SystemExit) if "integers" in expected else nullcontext():  # argparse's own type errors exit
+        code = main(argv)
+        assert code == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "rd").exists()
+
