@@ -5,6 +5,9 @@
     lasers eval runs/dlgan --fid-images 1000
     lasers reconstruct runs/dlgan photo1.png photo2.png --out recon.png
     lasers rate-distortion --out runs/rd --steps 600  # PSNR against bits per site, DL (S x bins) vs VQ (K)
+    lasers prior train runs/dl --steps 2000           # stage 2: a transformer over a run's tokens
+    lasers sample runs/dl --n 64                      # samples of that prior, decoded to an image grid
+    lasers compare --stage2 --data fashion-mnist      # VQ-VAE + prior against DL-VAE + prior
     torchrun --nproc_per_node=4 -m lasers_ext.cli train --batch-size 256 ...   # DDP, same flags
 
 Every training option can also come from a JSON file (``--config run.json``, a flat object of option names, or a
@@ -47,6 +50,7 @@ def missing_train_extra() -> list[str]:
 
 _MISSING = missing_train_extra()
 if not _MISSING:
+    from .prior import PriorConfig, compare_stage2, sample_images, train_prior
     from .train import TrainConfig, compare, evaluate_run, format_results_table, load_run, train
 
 COMPARE_DEFAULTS = {"out": "runs/compare"}  # the two runs go to OUT/vq-vae and OUT/dl-vae (or -gan)
@@ -93,6 +97,27 @@ def _config_from(args: argparse.Namespace, **defaults) -> TrainConfig:
     return TrainConfig.from_dict(values).validate()
 
 
+def _add_prior_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """One flag per PriorConfig field (``--prior-steps`` with prefix "prior-")."""
+    hints = typing.get_type_hints(PriorConfig)
+    group = parser.add_argument_group("prior options")
+    for f in dataclasses.fields(PriorConfig):
+        flag = "--" + prefix + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if hints[f.name] is bool:
+            group.add_argument(flag, dest="prior_" + f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
+        else:
+            group.add_argument(flag, dest="prior_" + f.name, type=hints[f.name], default=None, help=help_text,
+                               choices=f.metadata.get("choices"))
+
+
+def _prior_config_from(args: argparse.Namespace) -> PriorConfig:
+    values = {f.name: getattr(args, "prior_" + f.name) for f in dataclasses.fields(PriorConfig)
+              if getattr(args, "prior_" + f.name) is not None}
+    return PriorConfig(**values).validate()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lasers", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -104,7 +129,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train (or load) a VQ and a DL model on the same data and budget, print the "
                        "paper's Table 1 columns side by side")
     p.add_argument("--gan", action="store_true", help="compare VQ-GAN with DL-GAN instead of VQ-VAE with DL-VAE")
+    p.add_argument("--stage2", action="store_true", help="then train a prior over each model's tokens (the DL model "
+                   "with --coeff-bins, 16 unless given) and compare NLL, sample FID and cost")
     _add_config_options(p, **COMPARE_DEFAULTS)
+    _add_prior_options(p, prefix="prior-")
+
+    p = sub.add_parser("prior", help="stage 2: a transformer prior over a trained run's tokens")
+    prior_sub = p.add_subparsers(dest="prior_command", required=True)
+    p = prior_sub.add_parser("train", help="train (or resume) the prior of RUN; writes RUN/prior/")
+    p.add_argument("run", type=Path, help="run directory of a DL-VAE trained with --coeff-bins, or of a VQ-VAE")
+    _add_prior_options(p)
+
+    p = sub.add_parser("sample", help="sample images from the prior of a run (after lasers prior train)")
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("--n", type=int, default=64, help="samples (default: 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--out", type=Path, default=None, help="output PNG (default: RUN/prior/samples-<seed>.png)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
 
     p = sub.add_parser("rate-distortion", help="train a grid of short DL-VAE (sparsity x coefficient bins) and VQ-VAE "
                        "(codebook size) runs and plot PSNR against bits per latent site")
@@ -195,7 +237,22 @@ def main(argv: list[str] | None = None) -> int:
             if result:
                 print(format_results_table({result["model"]: result}))
         elif args.command == "compare":
-            compare(_config_from(args, **COMPARE_DEFAULTS), gan=args.gan)
+            if args.stage2 and args.gan:
+                raise ValueError("--stage2 compares the VAE models; leave out --gan")
+            if args.stage2:
+                compare_stage2(_config_from(args, **COMPARE_DEFAULTS), _prior_config_from(args))
+            else:
+                compare(_config_from(args, **COMPARE_DEFAULTS), gan=args.gan)
+        elif args.command == "prior":
+            result = train_prior(args.run, _prior_config_from(args))
+            print(json.dumps(result, indent=2))
+        elif args.command == "sample":
+            from . import plots
+
+            images = sample_images(args.run, args.n, temperature=args.temperature, seed=args.seed, device=args.device)
+            out = args.out or args.run / "prior" / f"samples-{args.seed}.png"
+            plots.save_image_grid(images, out)
+            print(f"wrote {out} ({args.n} samples)")
         elif args.command == "rate-distortion":
             from .sweep import rate_distortion
 

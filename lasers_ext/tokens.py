@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .quantizer import straight_through
 
-__all__ = ["CoefficientQuantizer", "TokenCodec", "QUANTIZER_MODES"]
+__all__ = ["CoefficientQuantizer", "TokenCodec", "TokenGrammar", "QUANTIZER_MODES"]
 
 QUANTIZER_MODES = ("uniform", "mulaw")
 
@@ -204,3 +204,47 @@ class TokenCodec:
         if self.sparsity > 1 and not bool((used[..., 1:] <= used[..., :-1]).all()):
             raise ValueError("a used slot follows a pad: pads come only after a site's last used slot")
         return torch.where(used, atom, -1), torch.where(used, value - self.atoms, 0)
+
+
+class TokenGrammar:
+    """Which ids may come next in a sequence of sites, for a prior that must only produce decodable sequences.
+
+    For DL tokens (``codec`` given): at a site's even positions an atom id or the pad, at its odd positions a bin id,
+    and only pads after a pad inside the site. For VQ indices (``codec`` None): any of the ``vocab_size`` ids.
+    """
+
+    def __init__(self, vocab_size: int, tokens_per_site: int, codec: TokenCodec | None = None) -> None:
+        self.vocab_size, self.tokens_per_site, self.codec = vocab_size, tokens_per_site, codec
+
+    @classmethod
+    def of(cls, bottleneck) -> TokenGrammar:
+        """The grammar of a quantizer's tokens (SparseDictBottleneck with ``coeff_bins`` or VectorQuantizer)."""
+        if bottleneck.vocab_size is None:
+            raise ValueError("this bottleneck has no tokens: build SparseDictBottleneck with coeff_bins (lasers train "
+                             "--coeff-bins B) to model its codes with a prior")
+        return cls(bottleneck.vocab_size, bottleneck.tokens_per_site, getattr(bottleneck, "codec", None))
+
+    def allowed(self, prev: Tensor, position: Tensor) -> Tensor | None:
+        """Mask of the ids allowed at sequence ``position`` (T,) given the token just before it, ``prev`` (..., T)
+        (any value where position is 0): bool (..., T, vocab_size), or None when every id is always allowed."""
+        if self.codec is None:
+            return None
+        c = self.codec
+        ids = torch.arange(self.vocab_size, device=prev.device)
+        atom_or_pad = (ids < c.atoms) | (ids == c.pad_id)
+        bin_only = (ids >= c.atoms) & (ids < c.pad_id)
+        pad_only = ids == c.pad_id
+        q = position % self.tokens_per_site
+        after_pad = ((q > 0) & (prev == c.pad_id)).unsqueeze(-1)
+        by_position = torch.where((q % 2 == 0).unsqueeze(-1), atom_or_pad, bin_only)  # (T, V)
+        return torch.where(after_pad, pad_only, by_position)
+
+    def check(self, tokens: Tensor) -> None:
+        """ValueError unless ``tokens`` (N, T) is a sequence of whole sites of valid tokens."""
+        if tokens.dim() != 2 or tokens.shape[1] % self.tokens_per_site:
+            raise ValueError(f"token sequences must be (N, T) with T a multiple of {self.tokens_per_site} tokens per "
+                             f"site, got {tuple(tokens.shape)}")
+        if self.codec is not None:
+            self.codec.decode(tokens.reshape(tokens.shape[0], -1, self.tokens_per_site))
+        elif tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < self.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size})")
