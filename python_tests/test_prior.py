@@ -169,3 +169,19 @@ def test_cli_prior_train_and_sample(runs, tmp_path, capsys):
     assert "no run directory" in capsys.readouterr().err
     assert main(["sample", str(runs["plain"])]) == 2
     assert "coeff_bins" in capsys.readouterr().err
+
+
+def test_compare_stage2_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_mod, "_run_pictures", lambda *a, **k: None)
+    monkeypatch.setattr(train_mod, "_compare_pictures", lambda *a, **k: None)
+    cfg = TrainConfig(**{**STAGE1, "steps": 2, "checkpoint_every": 2}, out=str(tmp_path / "cmp"))
+    results = prior_mod.compare_stage2(cfg, PriorConfig(**{**PRIOR, "steps": 2}))
+    assert list(results) == ["vq-vae", "dl-vae"]
+    assert load_run(tmp_path / "cmp" / "dl-vae")[0].coeff_bins == 16  # the DL model got coefficient tokens
+    table = (tmp_path / "cmp" / "stage2.md").read_text()
+    assert table.startswith("| model | tokens / image | bits / image |") and "| dl-vae + prior | 64 |" in table
+    assert "| vq-vae + prior | 16 | 64 |" in table and table.strip() in capsys.readouterr().out
+    assert json.loads((tmp_path / "cmp" / "stage2.json").read_text()) == results
+    for name in results:
+        with Image.open(tmp_path / "cmp" / "pictures" / f"samples-{name}.png") as im:
+            assert im.format == "PNG"
