@@ -9,6 +9,9 @@ paper's shape (K=512 atoms, M=16, S=5) over several N. Anchors:
   one batched solve per step).
 * ``omp-gpu``: the published batched-PyTorch OMP package ``orthogonal-matching-pursuit-gpu`` (Lubonja et al. 2024,
   ``run_omp(alg="v0")``), when it is installed.
+* ``spams-ormp``: SPAMS's ``spams.omp`` (``spams-bin``, C++ with BLAS), which computes ORMP, a different greedy rule;
+  CPU only, when installed, timed in processes of its own (lasers_ext/spams_anchor.py), best of several, and only
+  when its codes are full (N * S non-zeros).
 
 On a GPU the CUDA op's other kernels are timed beside its default: ``cuda-general`` (the warp-per-vector kernel that
 takes every shape) and ``cuda-fast-v1`` (the fast path with one vector per warp; the paper's shape only).
@@ -16,7 +19,7 @@ takes every shape) and ``cuda-fast-v1`` (the fast path with one vector per warp;
 On the CPU, the slow implementations (anchors and the float64 reference) are timed on the first ``--slow-max-n``
 vectors only: their per-vector cost does not fall with N, so vectors/second stays comparable. On a GPU only sklearn
 (a CPU loop) is capped; the batched-PyTorch anchors get the full N, halved until it fits in GPU memory. Ratios are
-against sklearn and, on a GPU, also against the best batched-PyTorch anchor.
+against sklearn, against SPAMS on the CPU and, on a GPU, against the best batched-PyTorch anchor.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from . import spams_anchor
 from .backends import available_backends
 from .ops import batch_omp
 
@@ -141,7 +145,7 @@ def _implementations(dictionary: torch.Tensor, sparsity: int, device: torch.devi
 
 def run(
     K: int = 512, M: int = 16, S: int = 5, Ns=(1024, 16384, 65536), dtype: str = "float32", device: str = "cpu",
-    repeats: int = 3, slow_max_n: int = 4096, names=None, seed: int = 0,
+    repeats: int = 3, slow_max_n: int = 4096, names=None, seed: int = 0, spams_processes: int = 3,
 ) -> dict:
     """Times every implementation; returns a JSON-ready dict with one row per (implementation, N)."""
     dev = torch.device(device)
@@ -169,12 +173,29 @@ def run(
                          "vectors_per_s": n_used / seconds})
             print(f"  {name:<14} N={n:<9} timed N={n_used:<9} {n_used / seconds:>14,.0f} vectors/s", file=sys.stderr,
                   flush=True)
+        if dev.type == "cpu" and (names is None or spams_anchor.LABEL in names) and spams_processes > 0:
+            if not spams_anchor.available():
+                print("spams-bin is not installed: skipping the spams-ormp anchor", file=sys.stderr)
+                spams_processes = 0
+                continue
+            unit = (dictionary.double() / dictionary.double().norm(dim=1, keepdim=True)).to(dt)
+            r = spams_anchor.time_spams(x.numpy(), unit.numpy(), S, torch.get_num_threads(), repeats, spams_processes)
+            if not r["full"]:
+                print(f"  {spams_anchor.LABEL}: {r['nonzeros']} non-zeros of {n * S} ({dtype} codes not full), "
+                      "not used as an anchor", file=sys.stderr, flush=True)
+                continue
+            rows.append({"impl": spams_anchor.LABEL, "N": n, "timed_N": n, "seconds": n / r["vectors_per_s"],
+                         "vectors_per_s": r["vectors_per_s"]})
+            print(f"  {spams_anchor.LABEL:<14} N={n:<9} timed N={n:<9} {r['vectors_per_s']:>14,.0f} vectors/s "
+                  f"(best of {spams_processes} processes)", file=sys.stderr, flush=True)
     for n in Ns:
         here = [r for r in rows if r["N"] == n]
         base = next((r["vectors_per_s"] for r in here if r["impl"] == "sklearn"), None)
         anchor = max((r["vectors_per_s"] for r in here if r["impl"] in TORCH_ANCHORS), default=None)
+        spams = next((r["vectors_per_s"] for r in here if r["impl"] == spams_anchor.LABEL), None)
         for r in here:
             r["x_sklearn"] = r["vectors_per_s"] / base if base else None
+            r["x_spams"] = r["vectors_per_s"] / spams if spams else None
             r["x_torch_anchor"] = r["vectors_per_s"] / anchor if anchor and dev.type != "cpu" else None
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -193,12 +214,13 @@ def format_table(result: dict) -> str:
     lines = [f"Batch-OMP  K={p['K']} M={p['M']} S={p['S']} {p['dtype']} on {p['device']} "
              f"(torch {result['machine']['torch']}, {result['machine']['torch_threads']} threads)",
              f"{'implementation':<14} {'N':>8} {'timed N':>8} {'vectors/s':>14} {'x sklearn':>10} "
-             f"{'x best torch anchor':>19}"]
+             f"{'x SPAMS (ORMP)':>14} {'x best torch anchor':>19}"]
     for r in result["rows"]:
         ratio = f"{r['x_sklearn']:.1f}" if r["x_sklearn"] else "-"
+        spams = f"{r['x_spams']:.2f}" if r.get("x_spams") else "-"
         anchor = f"{r['x_torch_anchor']:.1f}" if r.get("x_torch_anchor") else "-"
         lines.append(f"{r['impl']:<14} {r['N']:>8} {r['timed_N']:>8} {r['vectors_per_s']:>14,.0f} {ratio:>10} "
-                     f"{anchor:>19}")
+                     f"{spams:>14} {anchor:>19}")
     return "\n".join(lines)
 
 
@@ -215,12 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slow-max-n", type=int, default=4096, help="vectors given to the anchors and the reference")
     ap.add_argument("--only", default=None, help="comma-separated implementations to time (default: all)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--spams-processes", type=int, default=3,
+                    help="fresh processes timing the SPAMS anchor, best kept (0: skip it)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     names = set(args.only.split(",")) if args.only else None
-    result = run(args.K, args.M, args.S, args.N, args.dtype, args.device, args.repeats, args.slow_max_n, names)
+    result = run(args.K, args.M, args.S, args.N, args.dtype, args.device, args.repeats, args.slow_max_n, names,
+                 spams_processes=args.spams_processes)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -249,6 +249,42 @@ def test_property_kernels_match_reference(n, m, k, data, dtype, seed, use_tol):
         assert_matches_reference(codes, x, d, s, tol)
 
 
+# ---- the C++ kernel's tiles (csrc/cpu/omp_tile.h: 4 or 8 vectors coded together) -----------------------------------
+@pytest.mark.parametrize("n", [1, 3, 7, 8, 9, 17, 1001])
+def test_cpu_tiles_code_each_vector_alone(gen, n):
+    """N below one tile, not a multiple of it, and rows that stop early (zero, tol, exactly sparse, a copy of an atom,
+    NaN) beside rows that go on: every row's codes are those it gets when coded on its own."""
+    x, d = random_problem(gen, n, 16, 96)
+    d = torch.cat([d, -2 * d[:4]])  # dependent atoms
+    kinds = torch.arange(n) % 6
+    x[kinds == 1] = 0
+    x[kinds == 2] = d[7] * 3 + d[20]  # exactly sparse: the residual reaches zero after two atoms
+    x[kinds == 3] = d[11]
+    if n > 4:
+        x[4, 2] = float("nan")
+    tol = 0.5 * (x[kinds == 5] ** 2).sum(1).mean().item() if (kinds == 5).any() else None
+    idx, coef = torch.ops.lasers_ext.batch_omp(x, d, 6, tol)
+    for r in range(n):
+        i1, c1 = torch.ops.lasers_ext.batch_omp(x[r : r + 1], d, 6, tol)
+        assert torch.equal(idx[r], i1[0]) and torch.equal(coef[r], c1[0]), f"row {r}"
+    assert (idx[kinds == 1] == -1).all() and ((idx[kinds == 2] >= 0).sum(1) <= 2).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_results_do_not_depend_on_thread_count(gen, dtype):
+    x, d = random_problem(gen, 3001, 16, 256, dtype)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            runs.append(batch_omp(x, d, 5, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    for codes in runs[1:]:
+        assert torch.equal(codes.indices, runs[0].indices) and torch.equal(codes.coeffs, runs[0].coeffs)
+
+
 # ---- hostile inputs: non-finite rows and extreme scales -------------------------------------------------------------
 @pytest.mark.parametrize("kernel", ALL_KERNELS, ids=str)
 def test_non_finite_rows_get_unused_slots(gen, kernel):

@@ -1,5 +1,5 @@
-// CPU Batch-OMP kernel: the Gram matrix once per call, then at::parallel_for over vectors, each thread reusing one
-// scratch buffer for all of its vectors. The per-vector algorithm lives in omp_core.h.
+// CPU Batch-OMP kernel: the Gram matrix once per call, then at::parallel_for over vectors, each thread coding its
+// vectors in tiles (cpu/omp_tile.h) with one scratch buffer. Every vector's codes equal omp_core.h's host_encode.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -9,22 +9,59 @@
 
 #include "../kernel_common.h"
 #include "../omp_core.h"
+#include "omp_tile.h"
 
 namespace lasers {
 
 namespace {
 
-// Codes vectors [begin, end) with one scratch buffer. Compiled once per x86 SIMD level (AVX-512, AVX2+FMA,
-// baseline) and picked at load time, so one build runs at full speed on any x86-64 machine.
-template <typename T>
+// Codes vectors [begin, end) in tiles of V (cpu/omp_tile.h) with one scratch buffer. A vector's codes do not depend
+// on the tile it lands in (each equals host_encode's), so neither on the thread count nor on the chunking.
+template <typename T, int W, int Regs>
 LASERS_HOST_INLINE void encode_range_impl(const core::HostProblem<T>& p, const T* xs, int64_t* idx, T* coef,
                                           int64_t begin, int64_t end) {
-  using Scratch = core::HostScratch<T>;
-  const int64_t S = p.S;
-  std::vector<T> values(Scratch::values(p.K, p.M, S));
-  std::vector<const T*> pointers(Scratch::pointers(p.M, S));
-  const Scratch w = Scratch::carve(values.data(), pointers.data(), p.K, p.M, S);
-  for (int64_t n = begin; n < end; ++n) core::host_encode<T>(p, xs + n * p.M, w, idx + n * S, coef + n * S);
+  using Scratch = tile::TileScratch<T>;
+  constexpr int V = tile::Shape<W, Regs>::V;
+  std::vector<T> values(Scratch::values(V, p.K, p.M, p.S));
+  std::vector<const T*> pointers(Scratch::pointers(p.S));
+  const Scratch w = Scratch::carve(values.data(), pointers.data(), V, p.K, p.M, p.S);
+  for (int64_t n = begin; n < end; n += V) {
+    const int count = static_cast<int>(end - n < V ? end - n : V);
+    tile::encode_tile<T, W, Regs>(p, xs + n * p.M, count, w, idx + n * p.S, coef + n * p.S);
+  }
+}
+
+template <typename T>
+using EncodeRange = void (*)(const core::HostProblem<T>&, const T*, int64_t*, T*, int64_t, int64_t);
+
+// One instance per x86 SIMD level (AVX-512, AVX2+FMA, baseline), each compiled for its level with
+// its lane count and register file, picked at run time: one build runs at full speed on any x86-64 machine.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LASERS_X86_LEVELS 1
+#define LASERS_ENCODE_LEVEL(NAME, TARGET, BYTES, REGS)                                                             \
+  template <typename T>                                                                                           \
+  TARGET void NAME(const core::HostProblem<T>& p, const T* xs, int64_t* idx, T* coef, int64_t begin, int64_t end) { \
+    encode_range_impl<T, BYTES / sizeof(T), REGS>(p, xs, idx, coef, begin, end);                                  \
+  }
+LASERS_ENCODE_LEVEL(encode_range_avx512, __attribute__((target("arch=x86-64-v4"))), 64, 32)
+LASERS_ENCODE_LEVEL(encode_range_avx2, __attribute__((target("arch=x86-64-v3"))), 32, 16)
+#undef LASERS_ENCODE_LEVEL
+#endif
+
+template <typename T>
+void encode_range_baseline(const core::HostProblem<T>& p, const T* xs, int64_t* idx, T* coef, int64_t begin,
+                           int64_t end) {
+  encode_range_impl<T, 16 / sizeof(T), 16>(p, xs, idx, coef, begin, end);
+}
+
+template <typename T>
+EncodeRange<T> pick_encode_range() {
+#ifdef LASERS_X86_LEVELS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return &encode_range_avx512<T>;
+  if (__builtin_cpu_supports("x86-64-v3")) return &encode_range_avx2<T>;
+#endif
+  return &encode_range_baseline<T>;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -32,16 +69,6 @@ LASERS_HOST_INLINE void encode_range_impl(const core::HostProblem<T>& p, const T
 #else
 #define LASERS_SIMD_CLONES
 #endif
-
-LASERS_SIMD_CLONES void encode_range(const core::HostProblem<float>& p, const float* xs, int64_t* idx, float* coef,
-                                     int64_t begin, int64_t end) {
-  encode_range_impl<float>(p, xs, idx, coef, begin, end);
-}
-
-LASERS_SIMD_CLONES void encode_range(const core::HostProblem<double>& p, const double* xs, int64_t* idx,
-                                     double* coef, int64_t begin, int64_t end) {
-  encode_range_impl<double>(p, xs, idx, coef, begin, end);
-}
 
 // Gram rows [begin, end) from the transposed unit atoms ut (M, K): the fma chains of gram_entry (omp_core.h) for all b
 // of a row at once (m outer, b inner: the same per-entry order, vectorised). row is K doubles of scratch.
@@ -109,6 +136,7 @@ void batch_omp_cpu_impl(const at::Tensor& x, const at::Tensor& atoms_t, const at
   int64_t* idx = indices.mutable_data_ptr<int64_t>();
   T* coef = coeffs.mutable_data_ptr<T>();
   // A vector costs ~K * (M + S^2 / 2) multiply-adds: a few microseconds. Chunks of 256 amortise the scratch buffer.
+  static const EncodeRange<T> encode_range = pick_encode_range<T>();
   at::parallel_for(0, x.size(0), /*grain_size=*/256,
                    [&](int64_t begin, int64_t end) { encode_range(p, xs, idx, coef, begin, end); });
 }
