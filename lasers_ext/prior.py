@@ -99,23 +99,54 @@ class PriorConfig:
         return cls(**values)
 
 
+class _Block(nn.Module):
+    """Pre-norm transformer block: causal multi-head self-attention and a 4x GELU MLP, each with a residual."""
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width),
+                                 nn.Dropout(dropout))
+
+    def forward(self, h: Tensor, cache: list[Tensor] | None = None) -> Tensor:
+        """h (B, t, width). With ``cache`` (a list, empty at the first position) the t new positions follow the
+        cached ones: their keys and values are appended and they attend to all of them (incremental decoding)."""
+        b, t, w = h.shape
+        q, k, v = self.qkv(self.norm1(h)).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        past = 0
+        if cache is not None:
+            if cache:
+                past = cache[0].shape[2]
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            cache[:] = [k, v]
+        if t > 1 and past:
+            raise ValueError("incremental decoding takes one new position at a time")
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=t > 1,
+                                                       dropout_p=self.dropout if self.training else 0.0)
+        h = h + self.proj(a.transpose(1, 2).reshape(b, t, w))
+        return h + self.mlp(self.norm2(h))
+
+
 class TokenPrior(nn.Module):
     """Causal transformer over sequences of ``block_size`` tokens from ``vocab_size`` ids.
 
     ``forward(tokens)`` for tokens (B, t), t <= block_size, returns logits (B, t, vocab_size): position i predicts
-    tokens[:, i] from tokens[:, :i] (a learned start token begins every sequence). Pre-norm
-    ``nn.TransformerEncoderLayer`` blocks (GELU, 4x MLP) under a causal mask, learned position embeddings.
+    tokens[:, i] from tokens[:, :i] (a learned start token begins every sequence). Pre-norm blocks
+    (``F.scaled_dot_product_attention`` under a causal mask, 4x GELU MLP), learned position embeddings;
+    :meth:`step` decodes one position at a time with a key/value cache, for sampling.
     """
 
     def __init__(self, vocab_size: int, block_size: int, width: int = 128, layers: int = 4, heads: int = 4,
                  dropout: float = 0.0) -> None:
         super().__init__()
+        if width % heads:
+            raise ValueError(f"heads ({heads}) must divide width ({width})")
         self.vocab_size, self.block_size = vocab_size, block_size
         self.embed = nn.Embedding(vocab_size + 1, width)  # the last id is the start token
         self.position = nn.Parameter(torch.zeros(block_size, width))
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout, activation="gelu", batch_first=True,
-                                           norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.blocks = nn.ModuleList(_Block(width, heads, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size)
         nn.init.normal_(self.position, std=0.02)
@@ -128,10 +159,25 @@ class TokenPrior(nn.Module):
         if t > self.block_size:
             raise ValueError(f"sequences of {t} tokens exceed the prior's block size {self.block_size}")
         start = torch.full((b, 1), self.vocab_size, dtype=torch.long, device=tokens.device)
-        inputs = torch.cat([start, tokens[:, :-1]], dim=1)
-        h = self.embed(inputs) + self.position[:t]
-        mask = nn.Transformer.generate_square_subsequent_mask(t, device=tokens.device)
-        return self.head(self.norm(self.blocks(h, mask=mask, is_causal=True)))
+        h = self.embed(torch.cat([start, tokens[:, :-1]], dim=1)) + self.position[:t]
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h))
+
+    def step(self, previous: Tensor, position: int, caches: list[list[Tensor]]) -> Tensor:
+        """Logits (B, vocab_size) of the token at ``position`` given the earlier positions held in ``caches`` (one
+        list per block, empty at position 0, filled by this call): ``previous`` (B,) is the token at position - 1, or
+        :meth:`start` at position 0."""
+        if not 0 <= position < self.block_size:
+            raise ValueError(f"position {position} is outside the block size {self.block_size}")
+        h = (self.embed(previous) + self.position[position]).unsqueeze(1)
+        for block, cache in zip(self.blocks, caches):
+            h = block(h, cache)
+        return self.head(self.norm(h[:, 0]))
+
+    def start(self, batch: int) -> Tensor:
+        """The start token for ``batch`` sequences, the ``previous`` of :meth:`step` at position 0."""
+        return torch.full((batch,), self.vocab_size, dtype=torch.long, device=self.head.weight.device)
 
 
 def _masked_logits(logits: Tensor, grammar: TokenGrammar, prev: Tensor, position: Tensor) -> Tensor:
@@ -154,13 +200,15 @@ def sample_tokens(prior: TokenPrior, grammar: TokenGrammar, n: int, *, temperatu
     was = prior.training
     prior.eval()
     device = prior.head.weight.device
-    out = torch.empty(n, 0, dtype=torch.long, device=device)
+    out = torch.empty(n, prior.block_size, dtype=torch.long, device=device)
+    caches: list[list[Tensor]] = [[] for _ in prior.blocks]
+    previous = prior.start(n)
     for t in tqdm(range(prior.block_size), desc="sample", disable=not progress, leave=False):
-        logits = prior(torch.cat([out, out.new_zeros(n, 1)], dim=1))[:, -1].float() / temperature
-        prev = out[:, -1:] if t else out.new_full((n, 1), -1)
+        logits = prior.step(previous, t, caches).float() / temperature
+        prev = previous.unsqueeze(1) if t else previous.new_full((n, 1), -1)
         logits = _masked_logits(logits.unsqueeze(1), grammar, prev, torch.tensor([t], device=device))[:, 0]
-        probs = logits.softmax(-1)
-        out = torch.cat([out, torch.multinomial(probs.cpu(), 1, generator=generator).to(device)], dim=1)
+        previous = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator).to(device)[:, 0]
+        out[:, t] = previous
     prior.train(was)
     return out
 

@@ -185,3 +185,15 @@ def test_compare_stage2_end_to_end(tmp_path, capsys, monkeypatch):
     for name in results:
         with Image.open(tmp_path / "cmp" / "pictures" / f"samples-{name}.png") as im:
             assert im.format == "PNG"
+
+
+def test_cached_step_decoding_matches_the_full_forward(gen):
+    torch.manual_seed(0)
+    prior = TokenPrior(13, 10, width=16, layers=2, heads=4).eval()
+    tokens = torch.randint(0, 13, (3, 10), generator=gen)
+    full = prior(tokens)
+    caches = [[] for _ in prior.blocks]
+    previous = prior.start(3)
+    for t in range(10):
+        torch.testing.assert_close(prior.step(previous, t, caches), full[:, t], rtol=1e-5, atol=1e-5)
+        previous = tokens[:, t]
