@@ -5,6 +5,7 @@
     lasers eval runs/dlgan --fid-images 1000
     lasers reconstruct runs/dlgan photo1.png photo2.png --out recon.png
     lasers rate-distortion --out runs/rd --steps 600  # PSNR against bits per site, DL (S x bins) vs VQ (K)
+    lasers sweep --out runs/sweep --steps 600          # the paper's ablations: K (Table 4) and S (Table 5)
     lasers prior train runs/dl --steps 2000           # stage 2: a transformer over a run's tokens
     lasers sample runs/dl --n 64                      # samples of that prior, decoded to an image grid
     lasers compare --stage2 --data fashion-mnist      # VQ-VAE + prior against DL-VAE + prior
@@ -55,6 +56,7 @@ if not _MISSING:
 
 COMPARE_DEFAULTS = {"out": "runs/compare"}  # the two runs go to OUT/vq-vae and OUT/dl-vae (or -gan)
 RD_DEFAULTS = {"out": "runs/rate-distortion", "steps": 600}  # one run per grid cell under OUT
+SWEEP_DEFAULTS = {"out": "runs/sweep", "steps": 600}
 
 
 def _int_list(text: str) -> list[int]:
@@ -129,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train (or load) a VQ and a DL model on the same data and budget, print the "
                        "paper's Table 1 columns side by side")
     p.add_argument("--gan", action="store_true", help="compare VQ-GAN with DL-GAN instead of VQ-VAE with DL-VAE")
+    p.add_argument("--models", type=lambda s: [v for v in s.split(",") if v], default=None,
+                   help="models to compare instead, e.g. vq-vae,dl-vae,vq-gan,dl-gan (the paper's Figure 11)")
     p.add_argument("--stage2", action="store_true", help="then train a prior over each model's tokens (the DL model "
                    "with --coeff-bins, 16 unless given) and compare NLL, sample FID and cost")
     _add_config_options(p, **COMPARE_DEFAULTS)
@@ -155,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codebooks", type=_int_list, default=[64, 256, 1024, 4096],
                    help="VQ codebook sizes K (default: 64,256,1024,4096); DL uses --n-e atoms")
     _add_config_options(p, **RD_DEFAULTS)
+
+    p = sub.add_parser("sweep", help="the paper's ablations: DL-VAE and VQ-VAE over dictionary sizes K at one "
+                       "sparsity (Table 4), DL-VAE over sparsities S at one K (Table 5); table and plots")
+    p.add_argument("--sizes", type=_int_list, default=[64, 256, 512], help="K values (default: 64,256,512)")
+    p.add_argument("--size-sparsity", type=int, default=4, help="DL sparsity of the K sweep (default: 4)")
+    p.add_argument("--sparsities", type=_int_list, default=[2, 4, 5, 8, 10],
+                   help="S values (default: 2,4,5,8,10; they need --e-dim >= the largest)")
+    p.add_argument("--sparsity-size", type=int, default=512, help="K of the S sweep (default: 512)")
+    _add_config_options(p, **SWEEP_DEFAULTS)
 
     p = sub.add_parser("eval", help="evaluate a trained run on its test split (writes eval.json and eval.md)")
     p.add_argument("run", type=Path, help="run directory")
@@ -237,12 +250,12 @@ def main(argv: list[str] | None = None) -> int:
             if result:
                 print(format_results_table({result["model"]: result}))
         elif args.command == "compare":
-            if args.stage2 and args.gan:
-                raise ValueError("--stage2 compares the VAE models; leave out --gan")
+            if args.stage2 and (args.gan or args.models):
+                raise ValueError("--stage2 compares VQ-VAE with DL-VAE; leave out --gan and --models")
             if args.stage2:
                 compare_stage2(_config_from(args, **COMPARE_DEFAULTS), _prior_config_from(args))
             else:
-                compare(_config_from(args, **COMPARE_DEFAULTS), gan=args.gan)
+                compare(_config_from(args, **COMPARE_DEFAULTS), gan=args.gan, models=args.models)
         elif args.command == "prior":
             result = train_prior(args.run, _prior_config_from(args))
             print(json.dumps(result, indent=2))
@@ -258,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
 
             rate_distortion(_config_from(args, **RD_DEFAULTS), sparsities=args.sparsities, bins=args.bins,
                             codebooks=args.codebooks)
+        elif args.command == "sweep":
+            from .sweep import ablation
+
+            ablation(_config_from(args, **SWEEP_DEFAULTS), sizes=args.sizes, size_sparsity=args.size_sparsity,
+                     sparsities=args.sparsities, sparsity_size=args.sparsity_size)
         elif args.command == "eval":
             result = evaluate_run(args.run, device=args.device, max_images=args.eval_images,
                                   fid_images=args.fid_images)

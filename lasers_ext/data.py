@@ -436,7 +436,7 @@ class ImageFolder(ImageDataset):
 def _need_root(root: str | os.PathLike[str] | None, name: str, expected: str) -> Path:
     if root is None:
         raise MissingDataError(f"the {name!r} data set needs a data folder: pass --data-root (root=) with {expected}")
-    return Path(root)
+    return Path(root).expanduser()
 
 
 def build_dataset(name: str, split: str, *, root: str | os.PathLike[str] | None = None, size: int | None = None,
@@ -448,6 +448,7 @@ def build_dataset(name: str, split: str, *, root: str | os.PathLike[str] | None 
       :func:`fashion_mnist_dir`; "mnist": the same files in ``root`` (required).
     * "cifar10": :class:`CIFAR10` in ``root`` (required).
     * "folder": :class:`ImageFolder` of ``root`` (required; ``size`` defaults to 256).
+    A leading ``~`` in ``root`` is the user's home directory.
 
     ``gray`` converts colour data sets to 1 channel (MNIST-style ones already have 1); ``seed`` seeds the random
     crops of "photos" and "folder". MNIST-style (28 x 28) and CIFAR-10 (32 x 32) images are not resized: ``size``
@@ -471,6 +472,7 @@ def build_dataset(name: str, split: str, *, root: str | os.PathLike[str] | None 
     if name == "cifar10":
         return CIFAR10(_need_root(root, name, "cifar-10-batches-py (data_batch_1..5, test_batch)"), split, gray=gray)
     if name == "fashion-mnist":
-        return IDXImages(_idx_file(fashion_mnist_dir() if root is None else Path(root), split, "Fashion-MNIST"))
+        return IDXImages(_idx_file(fashion_mnist_dir() if root is None else Path(root).expanduser(), split,
+                                   "Fashion-MNIST"))
     expected = "train-images-idx3-ubyte(.gz) and t10k-images-idx3-ubyte(.gz)"
     return IDXImages(_idx_file(_need_root(root, name, expected), split, "MNIST"))

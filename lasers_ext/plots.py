@@ -20,8 +20,9 @@ from PIL import Image
 from scipy.signal import savgol_filter
 from torch import Tensor
 
-__all__ = ["plot_atom_embedding", "plot_rate_distortion", "plot_training_curves", "save_atom_images",
-           "save_flip_heatmaps", "save_image_grid", "save_reconstruction_grid"]
+__all__ = ["latent_top_component", "plot_atom_embedding", "plot_rate_distortion", "plot_sweep", "plot_training_curves",
+           "save_atom_images", "save_flip_heatmaps", "save_image_grid", "save_latent_components",
+           "save_reconstruction_grid"]
 
 _SAVGOL_POLYORDER = 2
 _ATOM_TILE_PX = 32  # atoms are enlarged (nearest neighbour, integer factor) to about this many pixels
@@ -105,9 +106,14 @@ def save_reconstruction_grid(originals: Tensor, reconstructions: Mapping[str, Te
         if images.shape != originals.shape:
             raise ValueError(f"reconstructions[{label!r}] has shape {tuple(images.shape)}, originals "
                              f"{tuple(originals.shape)}")
-    n = min(max_images, originals.shape[0])
+    return _save_rows(rows, path, max_images)
+
+
+def _save_rows(rows: list[tuple[str, Tensor]], path: str | Path, max_images: int = 8) -> Path:
+    """Labelled rows of images (all of one shape (B, C, H, W) in [0, 1]), the first ``max_images`` of each."""
+    n = min(max_images, rows[0][1].shape[0])
     strips = [_grid(images[:n], nrow=n, pad=2) for _, images in rows]
-    scale = max(1.0, 64 / originals.shape[2]) / 100  # inches per pixel: small images are enlarged
+    scale = max(1.0, 64 / rows[0][1].shape[2]) / 100  # inches per pixel: small images are enlarged
     height, width = strips[0].shape[:2]
     fig = _new_figure(width * scale + 1.2, len(rows) * (height * scale + 0.1) + 0.2)
     for ax, (label, _), strip in zip(fig.subplots(len(rows), 1, squeeze=False)[:, 0], rows, strips):
@@ -218,6 +224,59 @@ def plot_rate_distortion(curves: Mapping[str, Sequence[tuple[float, float, str]]
     return path
 
 
+def plot_sweep(panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], path: str | Path, xlabel: str,
+               log_x: bool = True) -> Path:
+    """One subplot per metric (``panels``: {metric: {series name: [(x, value), ...]}}), each series a line with
+    markers against ``xlabel`` (log base 2 with ``log_x``): the ablation plots (metric against K or S)."""
+    if not panels or not any(points for series in panels.values() for points in series.values()):
+        raise ValueError("need at least one series with points")
+    fig = _new_figure(4.8 * len(panels), 3.6)
+    for ax, (metric, series) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
+        for i, (name, points) in enumerate(series.items()):
+            pts = sorted((float(x), float(y)) for x, y in points if math.isfinite(y))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i}", label=name)
+        if log_x:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3, which="both")
+        if ax.lines:
+            ax.legend()
+    path = _prepare(path)
+    fig.savefig(path)
+    return path
+
+
+def latent_top_component(latents: Tensor) -> Tensor:
+    """The top singular component of each latent (B, C, h, w) as seen in the paper's Figures 5/6: per image, the
+    first right singular vector of its (C, h w) matrix times the singular value, as a map (B, 1, h, w), its sign
+    fixed so that the entry of largest magnitude is positive."""
+    if latents.dim() != 4:
+        raise ValueError(f"latents must be (B, C, h, w), got {tuple(latents.shape)}")
+    b, c, h, w = latents.shape
+    _, s, vh = torch.linalg.svd(latents.detach().double().reshape(b, c, h * w), full_matrices=False)
+    top = vh[:, 0] * s[:, :1]
+    sign = torch.sign(top.gather(1, top.abs().argmax(1, keepdim=True)))
+    return (top * sign).reshape(b, 1, h, w).float()
+
+
+def save_latent_components(latents: Mapping[str, Tensor], path: str | Path) -> Path:
+    """One row per model of :func:`latent_top_component` maps, each map scaled to [0, 1] by its own range and
+    enlarged to at least 32 pixels, labelled like :func:`save_reconstruction_grid`."""
+    if not latents:
+        raise ValueError("need at least one model's latents")
+    rows = {}
+    for name, z in latents.items():
+        maps = latent_top_component(z)
+        lo = maps.amin(dim=(1, 2, 3), keepdim=True)
+        hi = maps.amax(dim=(1, 2, 3), keepdim=True)
+        maps = (maps - lo) / (hi - lo).clamp_min(1e-12)
+        scale = max(1, math.ceil(32 / maps.shape[-1]))
+        rows[name] = torch.nn.functional.interpolate(maps, scale_factor=scale, mode="nearest")
+    return _save_rows(list(rows.items()), path)
+
+
 def _check_atoms(atoms: Tensor) -> None:
     if atoms.ndim != 2 or 0 in atoms.shape:
         raise ValueError(f"atoms must have shape (K, M) with K, M >= 1, got {tuple(atoms.shape)}")
@@ -262,14 +321,35 @@ def _pca_2d(atoms: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return (u[:, :2] * s[:2]).numpy(), explained.numpy()
 
 
-def plot_atom_embedding(atoms: Tensor, path: str | Path, usage: Tensor | None = None, title: str = "") -> Path:
-    """Scatter of the atoms (K, M), K, M >= 2, on their first two principal components (PCA by SVD; the paper's
-    Figs. 7b/8b use UMAP), coloured and sized by usage counts (K,) when given."""
+def _umap_2d(atoms: Tensor) -> np.ndarray | None:
+    """UMAP coordinates (K, 2) of the atoms when umap-learn is installed (the paper's Figs. 7b/8b), else None."""
+    try:
+        import umap
+    except ImportError:
+        return None
+    k = atoms.shape[0]
+    reducer = umap.UMAP(n_components=2, n_neighbors=max(2, min(15, k - 1)), random_state=0, init="random")
+    return np.asarray(reducer.fit_transform(atoms.detach().cpu().double().numpy()))
+
+
+def plot_atom_embedding(atoms: Tensor, path: str | Path, usage: Tensor | None = None, title: str = "",
+                        method: str = "auto") -> Path:
+    """Scatter of the atoms (K, M), K, M >= 2, in two dimensions, coloured and sized by usage counts (K,) when given.
+    ``method``: "umap" (umap-learn, as the paper's Figs. 7b/8b; ImportError when it is not installed), "pca" (first
+    two principal components by SVD) or "auto" (UMAP when umap-learn is installed, else PCA). The axis labels say
+    which one was used."""
     _check_atoms(atoms)
     k, m = atoms.shape
     if k < 2 or m < 2:
         raise ValueError(f"a 2-D embedding needs K >= 2 atoms of M >= 2 values, got {tuple(atoms.shape)}")
-    coords, explained = _pca_2d(atoms)
+    if method not in ("auto", "umap", "pca"):
+        raise ValueError(f"method must be auto, umap or pca, got {method!r}")
+    coords = _umap_2d(atoms) if method in ("auto", "umap") and k > 3 else None
+    if coords is None and method == "umap":
+        raise ImportError("method='umap' needs umap-learn (pip install umap-learn) and K > 3 atoms")
+    explained = None
+    if coords is None:
+        coords, explained = _pca_2d(atoms)
     fig = _new_figure(5.6, 4.6)
     ax = fig.subplots()
     if usage is None:
@@ -282,8 +362,12 @@ def plot_atom_embedding(atoms: Tensor, path: str | Path, usage: Tensor | None = 
             raise ValueError("usage must be finite and non-negative")
         points = ax.scatter(coords[:, 0], coords[:, 1], c=u, s=6 + 80 * u / max(u.max(), 1.0), cmap="viridis")
         fig.colorbar(points, ax=ax, label="usage count")
-    ax.set_xlabel(f"PC 1 ({100 * explained[0]:.1f}% of variance)")
-    ax.set_ylabel(f"PC 2 ({100 * explained[1]:.1f}% of variance)")
+    if explained is None:
+        ax.set_xlabel("UMAP 1")
+        ax.set_ylabel("UMAP 2")
+    else:
+        ax.set_xlabel(f"PC 1 ({100 * explained[0]:.1f}% of variance)")
+        ax.set_ylabel(f"PC 2 ({100 * explained[1]:.1f}% of variance)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     path = _prepare(path)

@@ -244,7 +244,8 @@ def _device(name: str) -> torch.device:
 
 def _token_data(run: Path, model: Autoencoder, stage1: TrainConfig, step: int, cfg: PriorConfig,
                 device: torch.device) -> dict:
-    """Train/test token sequences of run's autoencoder, cached in RUN/prior/tokens.pt for this stage-1 step."""
+    """Train/test token sequences of run's autoencoder (int16 where the ids fit), cached in RUN/prior/tokens.pt for
+    this stage-1 step."""
     path = run / PRIOR_DIR / "tokens.pt"
     key = {"stage1_step": step, "train_images": cfg.train_images, "eval_images": cfg.eval_images}
     if path.exists():
@@ -258,7 +259,8 @@ def _token_data(run: Path, model: Autoencoder, stage1: TrainConfig, step: int, c
     train_set.set_epoch(0)
     train_tokens, shape = _encode(model, train_set, cfg.train_images, device, cfg.progress, "encode train")
     test_tokens, _ = _encode(model, test_set, cfg.eval_images, device, cfg.progress, "encode test")
-    data = {"key": key, "train": train_tokens, "test": test_tokens, "latent_shape": shape,
+    small = torch.int16 if max(int(train_tokens.max()), int(test_tokens.max())) < 2**15 else torch.int32
+    data = {"key": key, "train": train_tokens.to(small), "test": test_tokens.to(small), "latent_shape": shape,
             "image_dims": test_set.channels * math.prod(test_set.image_size)}
     save_checkpoint(path, data)
     return data
@@ -287,7 +289,8 @@ def _evaluate_nll(prior: TokenPrior, grammar: TokenGrammar, tokens: Tensor, imag
     prior.eval()
     total = 0.0
     for start in range(0, len(tokens), 128):
-        total += sequence_nll(prior, grammar, tokens[start:start + 128].to(device)).double().sum().item()
+        batch = tokens[start:start + 128].to(device).long()
+        total += sequence_nll(prior, grammar, batch).double().sum().item()
     prior.train(was)
     per_image = total / len(tokens)
     return {"nll_bits_per_dim": per_image / (math.log(2) * image_dims), "nll_bits_per_image": per_image / math.log(2),
@@ -308,7 +311,7 @@ def train_prior(run: str | Path, cfg: PriorConfig) -> dict:
     torch.manual_seed(cfg.seed)
     data = _token_data(run, model, stage1, stage1_step, cfg, device)
     train_tokens, test_tokens = data["train"], data["test"]
-    grammar.check(train_tokens[:256])
+    grammar.check(train_tokens[:256].long())
     block = train_tokens.shape[1]
     prior = _build_prior(grammar, block, cfg).to(device)
     opt = torch.optim.AdamW(prior.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
@@ -346,7 +349,7 @@ def train_prior(run: str | Path, cfg: PriorConfig) -> dict:
         epoch, offset = divmod(step * cfg.batch_size, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
         picks = order[offset:offset + cfg.batch_size]
-        batch = train_tokens[picks].to(device)
+        batch = train_tokens[picks].to(device).long()
         loss = sequence_nll(prior, grammar, batch).mean() / block  # nats per token
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -18,10 +18,12 @@ from pathlib import Path
 from . import plots
 from .train import TrainConfig, train
 
-__all__ = ["run_grid", "rate_distortion", "rate_matched", "RD_DEFAULTS"]
+__all__ = ["run_grid", "rate_distortion", "rate_matched", "ablation", "RD_DEFAULTS", "ABLATION_DEFAULTS"]
 
-# the issue's grid: DL sparsity x bins at the run's K, VQ codebook sizes
+# the rate-distortion grid: DL sparsity x bins at the run's K, VQ codebook sizes
 RD_DEFAULTS = {"sparsities": (1, 2, 3, 5), "bins": (8, 16, 32), "codebooks": (64, 256, 1024, 4096)}
+# the paper's ablations: Table 4 (dictionary size K at S = 4, VQ at the same K), Table 5 (sparsity S at K = 512)
+ABLATION_DEFAULTS = {"sizes": (64, 256, 512), "size_sparsity": 4, "sparsities": (2, 4, 5, 8, 10), "sparsity_size": 512}
 # options that do not change what a finished cell computed
 _NOT_RESULTS = ("out", "progress", "device", "workers")
 
@@ -137,3 +139,58 @@ def rate_distortion(base: TrainConfig, *, sparsities: Sequence[int] = RD_DEFAULT
     print(table)
     print(f"\ntable: {out / 'rate_distortion.md'}; plot: {out / 'pictures' / 'rate_distortion.png'}")
     return {"rows": rows, "equal_rate": matched}
+
+
+def ablation(base: TrainConfig, *, sizes: Sequence[int] = ABLATION_DEFAULTS["sizes"],
+             size_sparsity: int = ABLATION_DEFAULTS["size_sparsity"],
+             sparsities: Sequence[int] = ABLATION_DEFAULTS["sparsities"],
+             sparsity_size: int = ABLATION_DEFAULTS["sparsity_size"]) -> dict:
+    """The paper's ablation sweeps (Tables 4 and 5): DL-VAE for every dictionary size in ``sizes`` at S =
+    ``size_sparsity`` and VQ-VAE at the same sizes; DL-VAE for every sparsity in ``sparsities`` at K =
+    ``sparsity_size``. Trains the grid into ``base.out`` (resumable, finished cells read back), writes sweep.md/.json
+    and pictures/sweep_K.png, pictures/sweep_S.png (PSNR and perplexity against K and against S), prints the table and
+    returns {"rows": [...]}. ``base.model``, ``base.n_e`` and ``base.sparsity`` are replaced per cell."""
+    sizes = _positive_ints("sizes", sizes)
+    sparsities = _positive_ints("sparsities", sparsities)
+    size_sparsity = _positive_ints("size_sparsity", [size_sparsity])[0]
+    sparsity_size = _positive_ints("sparsity_size", [sparsity_size])[0]
+    atom_dim = base.e_dim * base.patch_size ** 2
+    if size_sparsity > min(min(sizes), atom_dim):
+        raise ValueError(f"size_sparsity {size_sparsity} exceeds min(smallest K, atom dim) = "
+                         f"{min(min(sizes), atom_dim)}")
+    if max(sparsities) > min(sparsity_size, atom_dim):
+        raise ValueError(f"sparsities must be <= min(K, e_dim * patch_size^2) = {min(sparsity_size, atom_dim)}, got "
+                         f"{max(sparsities)}")
+    dl = {(k, size_sparsity) for k in sizes} | {(sparsity_size, s) for s in sparsities}
+    cells = [(f"dl-k{k}-s{s}", {"model": "dl-vae", "n_e": k, "sparsity": s}) for k, s in sorted(dl)]
+    cells += [(f"vq-k{k}", {"model": "vq-vae", "n_e": k}) for k in sizes]
+    results = run_grid(base, cells)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}
+    rows = []
+    for name, overrides in cells:
+        r = results[name]
+        rows.append({"cell": name, "bottleneck": "DL" if overrides["model"] == "dl-vae" else "VQ",
+                     "K": overrides["n_e"], "S": overrides.get("sparsity", 1), "psnr": r["psnr"], "ssim": r["ssim"],
+                     "perplexity": r["perplexity"], "active_atoms": r["active_atoms"], "step": r["step"]})
+    lines = ["| bottleneck | K | S | PSNR (dB) | SSIM | perplexity | active atoms |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["bottleneck"], r["K"], r["S"])):
+        lines.append(f"| {r['bottleneck']} | {r['K']} | {r['S']} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
+                     f"{r['perplexity']:.1f} | {r['active_atoms']} |")
+    table = "\n".join(lines)
+    out = Path(base.out)
+    (out / "sweep.md").write_text(table + "\n")
+    (out / "sweep.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    by_k = {f"DL-VAE (S={size_sparsity})": [r for r in rows if r["bottleneck"] == "DL" and r["S"] == size_sparsity
+                                             and r["K"] in sizes],
+            "VQ-VAE": [r for r in rows if r["bottleneck"] == "VQ"]}
+    by_s = {f"DL-VAE (K={sparsity_size})": [r for r in rows if r["bottleneck"] == "DL" and r["K"] == sparsity_size
+                                            and r["S"] in sparsities]}
+    for name, groups, axis in (("sweep_K.png", by_k, "K"), ("sweep_S.png", by_s, "S")):
+        panels = {metric: {label: [(r[axis], r[key]) for r in group] for label, group in groups.items()}
+                  for metric, key in (("PSNR (dB)", "psnr"), ("perplexity", "perplexity"))}
+        plots.plot_sweep(panels, out / "pictures" / name,
+                         "dictionary / codebook size K" if axis == "K" else "sparsity S", log_x=axis == "K")
+    print(table)
+    print(f"\ntable: {out / 'sweep.md'}; plots: {out / 'pictures'}/sweep_K.png, sweep_S.png")
+    return {"rows": rows}

@@ -37,15 +37,16 @@ from tqdm.auto import tqdm
 from . import distributed, metrics, plots
 from .data import build_dataset
 from .models import Autoencoder, GANLoss, PatchDiscriminator, ReconstructionLoss, build_autoencoder
+from .tasks import TASKS, degrade
 
 __all__ = ["MODELS", "TrainConfig", "TrainState", "train", "evaluate", "evaluate_run", "compare", "load_run",
            "format_results_table"]
 
 MODELS = ("dl-vae", "dl-gan", "vq-vae", "vq-gan")
 CHECKPOINT = "checkpoint.pt"
-# Fields that fix the shapes of the saved tensors: a checkpoint resumes only under the same values.
+# Fields that fix the saved tensors or the objective: a checkpoint resumes only under the same values.
 _ARCHITECTURE = ("model", "hidden", "res_hidden", "n_res_blocks", "n_e", "e_dim", "sparsity",
-                 "patch_size", "ndf", "disc_layers", "coeff_bins", "coeff_quant")
+                 "patch_size", "ndf", "disc_layers", "coeff_bins", "coeff_quant", "legacy_weighting")
 
 
 def _opt(default, help: str, **kw):
@@ -69,6 +70,9 @@ class TrainConfig:
     gray: bool = _opt(False, "convert colour images to one channel")
     train_length: int | None = _opt(None, "photos only: random crops per epoch (default 4096)")
     workers: int = _opt(0, "DataLoader worker processes per training process")
+    task: str = _opt("reconstruction", "what the model learns: reconstruction, or the paper's downstream tasks "
+                     "(supplementary 12) super-resolution (bicubic x4 down and up) and inpainting (a centred square "
+                     "of 0.25 of the side set to 0): degraded input, the original as target", choices=TASKS)
     # model (paper section 5)
     hidden: int = _opt(128, "hidden channels of encoder and decoder")
     res_hidden: int = _opt(32, "hidden channels inside a residual block")
@@ -77,6 +81,8 @@ class TrainConfig:
     e_dim: int = _opt(16, "latent channels = atom / codeword dimension")
     sparsity: int = _opt(5, "DL only: atoms per latent vector (S)")
     beta: float = _opt(0.25, "commitment weight of the bottleneck loss")
+    legacy_weighting: bool = _opt(False, "taming's weighting (legacy=True: beta on the codebook/dictionary term) "
+                                  "instead of the paper's equation 13 (beta on the commitment term)")
     patch_size: int = _opt(1, "DL only: code non-overlapping patch_size x patch_size latent patches as one vector")
     coeff_bins: int | None = _opt(None, "DL only: quantise coefficients to this many bins, making the codes stage-2 "
                                   "tokens (default: real coefficients)")
@@ -189,7 +195,8 @@ def build_model(cfg: TrainConfig, in_channels: int) -> Autoencoder:
                              n_res_blocks=cfg.n_res_blocks, n_e=cfg.n_e, e_dim=cfg.e_dim, sparsity=cfg.sparsity,
                              beta=cfg.beta, patch_size=cfg.patch_size, backend=cfg.backend,
                              ema_decay=cfg.ema_decay, dictionary_update=cfg.dictionary_update,
-                             coeff_bins=cfg.coeff_bins if cfg.kind == "dl" else None, coeff_quant=cfg.coeff_quant)
+                             coeff_bins=cfg.coeff_bins if cfg.kind == "dl" else None, coeff_quant=cfg.coeff_quant,
+                             legacy=cfg.legacy_weighting)
 
 
 def _seed_everything(seed: int) -> None:
@@ -248,6 +255,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def _saved_config(saved: dict) -> TrainConfig:
+    """The configuration stored in a checkpoint; those written before legacy_weighting existed trained with taming's
+    weighting."""
+    return TrainConfig.from_dict({"legacy_weighting": True, **saved["config"]})
+
+
 @dataclasses.dataclass
 class TrainState:
     """What a checkpoint holds, in one definition for saving, resuming and loading a run: the configuration, the
@@ -290,7 +303,7 @@ class TrainState:
         """Loads the checkpoint at ``path`` into this state (models, optimisers, step, RNG states); ValueError if it
         was trained with another architecture or number of image channels."""
         saved = read_checkpoint(path, device)
-        old = TrainConfig.from_dict(saved["config"])
+        old = _saved_config(saved)
         changed = [f for f in _ARCHITECTURE if getattr(old, f) != getattr(self.cfg, f)]
         if saved.get("channels", self.channels) != self.channels:
             changed.append(f"image channels ({saved['channels']}, now {self.channels}: see --gray and --data)")
@@ -310,7 +323,7 @@ class TrainState:
         """The model of the checkpoint at ``path`` with its configuration and step, for evaluation (no optimisers).
         ``fallback_channels`` serves checkpoints written before the channels were stored in them."""
         saved = read_checkpoint(path, device)
-        cfg = TrainConfig.from_dict(saved["config"])
+        cfg = _saved_config(saved)
         channels = saved.get("channels", fallback_channels)
         if channels is None:
             raise ValueError(f"{path} does not say how many image channels its model takes")
@@ -361,11 +374,13 @@ def _to_image(x: Tensor) -> Tensor:
 @torch.no_grad()
 def evaluate(model: Autoencoder, dataset, *, device: torch.device | str = "cpu", max_images: int = 0,
              fid_images: int = 0, batch_size: int = 64, lpips: nn.Module | None = None,
-             progress: bool = False) -> dict:
-    """Reconstruction quality of ``model`` on the first ``max_images`` images of ``dataset`` (0: all).
+             progress: bool = False, task: str = "reconstruction") -> dict:
+    """Reconstruction quality of ``model`` on the first ``max_images`` images of ``dataset`` (0: all), given each
+    image degraded for ``task`` (see :mod:`lasers_ext.tasks`) and measured against the original.
 
     Returns a dict: ``psnr`` (dB), ``ssim`` (mean, skimage-compatible Gaussian SSIM), ``flip`` (mean LDR-FLIP),
-    ``lpips`` (None when LPIPS is unavailable), ``perplexity`` and ``active_atoms`` of the code usage over all
+    ``lpips`` (None when LPIPS is unavailable), ``latent_error`` (the latent reconstruction error ||z - z_q||^2 of
+    section 5.1, mean over latent entries), ``perplexity`` and ``active_atoms`` of the code usage over all
     evaluated images, ``images``; with ``fid_images`` >= 2 also ``fid``, ``fid_images`` and ``fid_network``.
     """
     was_training = model.training
@@ -374,13 +389,15 @@ def evaluate(model: Autoencoder, dataset, *, device: torch.device | str = "cpu",
     loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False)
     n_e = model.bottleneck.n_e
     counts = torch.zeros(n_e, dtype=torch.long)
-    sums = {"psnr": 0.0, "ssim": 0.0, "flip": 0.0, "lpips": 0.0}
+    sums = {"psnr": 0.0, "ssim": 0.0, "flip": 0.0, "lpips": 0.0, "latent_error": 0.0}
     fid = metrics.FID(device) if fid_images >= 2 else None
     fid_seen = 0
     for x in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         x = x.to(device)
-        x_rec, _, info = model(_to_model(x))
-        y = _to_image(x_rec)
+        z = model.encoder(_to_model(degrade(x, task)))
+        z_q, _, info = model.bottleneck(z)
+        y = _to_image(model.decode(z_q))
+        sums["latent_error"] += ((z - z_q) ** 2).flatten(1).mean(1).sum().item()
         sums["psnr"] += metrics.psnr(x, y).clamp(max=100.0).sum().item()  # identical images: cap inf at 100 dB
         sums["ssim"] += metrics.ssim(x, y).sum().item()
         sums["flip"] += metrics.flip(x, y)[0].sum().item()
@@ -496,7 +513,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
     def run_eval(fid_images: int = 0, progress: bool = False) -> dict:
         """Rank 0 only: evaluates on the test split and logs the record."""
         result = evaluate(model, test_set, device=ctx.device, max_images=cfg.eval_images, lpips=perceptual,
-                          fid_images=fid_images, progress=progress)
+                          fid_images=fid_images, progress=progress, task=cfg.task)
         _append_record(metrics_path, {"kind": "eval", "step": step, **_public(result)})
         return result
 
@@ -510,8 +527,9 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
         sampler.set_epoch(epoch, skip=offset * local_batch)
         train_set.set_epoch(epoch)
         for x in loader:
-            x = _to_model(x.to(ctx.device, non_blocking=True))
-            stats, codes = _train_step(state, net, x, step, rec_loss_fn, autocast)
+            x = x.to(ctx.device, non_blocking=True)
+            stats, codes = _train_step(state, net, _to_model(degrade(x, cfg.task)), step, rec_loss_fn, autocast,
+                                       target=_to_model(x))
             usage.index_add_(0, codes.clamp(min=0), (codes >= 0).to(usage.dtype))  # no host sync
             step += 1
             for k, v in stats.items():
@@ -538,18 +556,20 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
     if ctx.is_main:
         result = run_eval(cfg.fid_images, cfg.progress)
         final = _save_evaluation(out, cfg.model, step, result)
-        _run_pictures(model, test_set, out, ctx.device, result["counts"])
+        _run_pictures(model, test_set, out, ctx.device, result["counts"], cfg.task)
     distributed.barrier(ctx)
     return final
 
 
 def _train_step(state: TrainState, net: nn.Module, x: Tensor, step: int, rec_loss_fn: ReconstructionLoss,
-                autocast) -> tuple[dict[str, Tensor], Tensor]:
-    """One optimiser step of the autoencoder on the batch x (B, C, H, W) in [-1, 1], and of the discriminator for
-    GAN models once it is active; ``net`` is the model or its DDP wrapper. Returns the step's statistics (0-dim
-    tensors, no host sync) and its codes (flattened indices, -1 for unused slots)."""
+                autocast, target: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """One optimiser step of the autoencoder on the batch x (B, C, H, W) in [-1, 1] towards ``target`` (default x;
+    the original images for a downstream task), and of the discriminator for GAN models once it is active (real
+    images: the target); ``net`` is the model or its DDP wrapper. Returns the step's statistics (0-dim tensors, no
+    host sync) and its codes (flattened indices, -1 for unused slots)."""
+    inputs, x = x, (x if target is None else target)
     with autocast:
-        x_rec, q_loss, info = net(x)
+        x_rec, q_loss, info = net(inputs)
     x_rec = x_rec.float()
     rec = rec_loss_fn(x, x_rec)
     loss = rec + q_loss.float()
@@ -592,15 +612,30 @@ def _picture_batch(test_set, count: int = 8) -> Tensor:
     return torch.stack([test_set[int(i)] for i in picks])
 
 
-def _run_pictures(model: Autoencoder, test_set, out: Path, device: torch.device, counts: Tensor) -> None:
+def _outputs(model: Autoencoder, x: Tensor, task: str) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """(task input, output image, {"z": encoder output, "z_q": its quantisation}) of ``model`` (eval mode, no grad)
+    for images x in [0, 1]."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        inputs = degrade(x, task)
+        z = model.encoder(_to_model(inputs))
+        z_q = model.bottleneck(z)[0]
+        y = _to_image(model.decode(z_q))
+    model.train(was)
+    return inputs, y, {"z": z, "z_q": z_q}
+
+
+def _run_pictures(model: Autoencoder, test_set, out: Path, device: torch.device, counts: Tensor,
+                  task: str = "reconstruction") -> None:
     pictures = out / "pictures"
     x = _picture_batch(test_set).to(device)
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        y = _to_image(model(_to_model(x))[0])
-        model.train(was)
-    plots.save_reconstruction_grid(x.cpu(), y.cpu(), pictures / "reconstructions.png")
+    inputs, y, latents = _outputs(model, x, task)
+    rows = {"reconstruction": y.cpu()} if task == "reconstruction" else {f"input ({task})": inputs.cpu(),
+                                                                         "output": y.cpu()}
+    plots.save_reconstruction_grid(x.cpu(), rows, pictures / "reconstructions.png")
+    plots.save_latent_components({f"{k} ({model.kind.upper()})": v.cpu() for k, v in latents.items()},
+                                 pictures / "latent_top_component.png")
     plots.save_flip_heatmaps(metrics.flip(x, y)[1].cpu(), pictures / "flip.png")
     records = [r for r in _read_records(out / "metrics.jsonl") if r["kind"] == "train"]
     if records:
@@ -608,7 +643,7 @@ def _run_pictures(model: Autoencoder, test_set, out: Path, device: torch.device,
     atoms = model.bottleneck.embedding.weight.detach().float().cpu()
     plots.save_atom_images(atoms, pictures / "atoms.png")
     plots.plot_atom_embedding(atoms, pictures / "atoms_embedding.png", usage=counts.float(),
-                              title=f"{model.kind.upper()} atoms (PCA), coloured by test usage")
+                              title=f"{model.kind.upper()} atoms, coloured by test usage")
 
 
 # ------------------------------------------------------------------------------------------------ runs and tables
@@ -633,7 +668,7 @@ def evaluate_run(run: str | Path, *, device: str = "auto", max_images: int | Non
     perceptual, _ = _perceptual(cfg, dev)
     result = evaluate(model, test_set, device=dev, max_images=cfg.eval_images if max_images is None else max_images,
                       fid_images=cfg.fid_images if fid_images is None else fid_images, lpips=perceptual,
-                      progress=progress)
+                      progress=progress, task=cfg.task)
     return _save_evaluation(Path(run), cfg.model, step, result)
 
 
@@ -646,28 +681,36 @@ def _save_evaluation(run: Path, model_name: str, step: int, result: dict) -> dic
 
 
 def format_results_table(results: dict[str, dict]) -> str:
-    """A markdown table with the paper's columns (PSNR as Table 1, plus SSIM, FLIP, LPIPS, perplexity, FID)."""
-    head = ("| model | steps | PSNR (dB) | SSIM | FLIP | LPIPS | perplexity | active atoms | FID (images) |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+    """A markdown table with the paper's columns (PSNR as Table 1, plus SSIM, FLIP, LPIPS, perplexity, FID) and the
+    latent reconstruction error ||z - z_q||^2 (section 5.1; "-" for evaluations that predate it)."""
+    head = ("| model | steps | PSNR (dB) | SSIM | FLIP | LPIPS | perplexity | active atoms | FID (images) | "
+            "latent error |\n|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name, r in results.items():
         lpips = "n/a" if r.get("lpips") is None else f"{r['lpips']:.4f}"
         fid = f"{r['fid']:.2f} ({r['fid_images']})" if r.get("fid") is not None else "-"
+        latent = f"{r['latent_error']:.5f}" if r.get("latent_error") is not None else "-"
         rows.append(f"| {name} | {r['step']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['flip']:.4f} | {lpips} | "
-                    f"{r['perplexity']:.1f} | {r['active_atoms']} | {fid} |")
+                    f"{r['perplexity']:.1f} | {r['active_atoms']} | {fid} | {latent} |")
     return "\n".join([head, *rows])
 
 
-def compare(cfg: TrainConfig, *, gan: bool = False) -> dict[str, dict]:
+def compare(cfg: TrainConfig, *, gan: bool = False, models: list[str] | None = None) -> dict[str, dict]:
     """Trains (or resumes, or loads when finished) a VQ and a DL model with identical encoder/decoder, data, seed
-    and budget into ``cfg.out``/vq-vae and ``cfg.out``/dl-vae (``-gan`` with ``gan``), prints and writes the
-    side-by-side table (compare.md, compare.json) and comparison pictures; returns {model name: evaluation}."""
-    base = Path(cfg.out)
-    results: dict[str, dict] = {}
+    and budget into ``cfg.out``/vq-vae and ``cfg.out``/dl-vae (``-gan`` with ``gan``; or each of ``models``, e.g.
+    all four of MODELS as the paper's Figure 11), prints and writes the side-by-side table (compare.md,
+    compare.json) and comparison pictures; returns {model name: evaluation}."""
     suffix = "gan" if gan else "vae"
-    for kind in ("vq", "dl"):
-        name = f"{kind}-{suffix}"
-        results[name] = train(dataclasses.replace(cfg, model=name, out=str(base / name)))
+    names = list(models) if models is not None else [f"vq-{suffix}", f"dl-{suffix}"]
+    if models is not None and gan:
+        raise ValueError("give either --gan or --models, not both")
+    if not names or len(set(names)) != len(names) or not set(names) <= set(MODELS):
+        raise ValueError(f"models must be distinct names from {', '.join(MODELS)}, got {names}")
+    base = Path(cfg.out)
+    configs = {name: dataclasses.replace(cfg, model=name, out=str(base / name)).validate() for name in names}
+    results: dict[str, dict] = {}
+    for name, run_cfg in configs.items():
+        results[name] = train(run_cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return results
     table = format_results_table(results)
@@ -684,12 +727,14 @@ def _compare_pictures(base: Path, names: list[str], cfg: TrainConfig) -> None:
             for name in names}
     plots.plot_training_curves(runs, base / "pictures" / "curves.png")
     x = _picture_batch(_dataset(cfg, "test"))
-    recs, maps = {}, {}
+    recs = {} if cfg.task == "reconstruction" else {f"input ({cfg.task})": degrade(x, cfg.task)}
+    maps, latents = {}, {}
     for name in names:
         _, model, _ = load_run(base / name)
-        with torch.no_grad():
-            y = _to_image(model(_to_model(x))[0])
+        _, y, pair = _outputs(model, x, cfg.task)
+        latents.update({f"{k} ({name})": v for k, v in pair.items()})
         recs[name] = y
         maps[name] = metrics.flip(x, y)[1]
     plots.save_reconstruction_grid(x, recs, base / "pictures" / "reconstructions.png")
     plots.save_flip_heatmaps(maps, base / "pictures" / "flip.png")
+    plots.save_latent_components(latents, base / "pictures" / "latent_top_component.png")

@@ -88,3 +88,33 @@ def test_cli_rate_distortion_bad_grids_exit_2(tmp_path, capsys, flags, expected)
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "rd").exists()
 
+
+
+def test_ablation_sweep_end_to_end_and_skips_finished_cells(tmp_path, no_pictures, monkeypatch):
+    base = TrainConfig(**TINY, out=str(tmp_path / "ab"))
+    result = sweep.ablation(base, sizes=[8, 16], size_sparsity=2, sparsities=[1, 2, 3], sparsity_size=16)
+    cells = [r["cell"] for r in result["rows"]]
+    # (K, S=2) for K in sizes and (K=16, S) for S in sparsities, the shared cell once; VQ at every K
+    assert cells == ["dl-k8-s2", "dl-k16-s1", "dl-k16-s2", "dl-k16-s3", "vq-k8", "vq-k16"]
+    for r in result["rows"]:
+        cfg, _, step = load_run(tmp_path / "ab" / r["cell"])
+        assert (cfg.n_e, step) == (r["K"], 2) and (cfg.sparsity == r["S"] or r["bottleneck"] == "VQ")
+        assert r["psnr"] == json.loads((tmp_path / "ab" / r["cell"] / "eval.json").read_text())["psnr"]
+    assert (tmp_path / "ab" / "sweep.md").read_text().count("\n") == 2 + 6
+    for name in ("sweep_K.png", "sweep_S.png"):
+        with Image.open(tmp_path / "ab" / "pictures" / name) as im:
+            assert im.format == "PNG"
+    monkeypatch.setattr(sweep, "train", lambda cfg, **kw: pytest.fail(f"{cfg.out} retrained"))
+    assert sweep.ablation(base, sizes=[8, 16], size_sparsity=2, sparsities=[1, 2, 3], sparsity_size=16) == result
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"sizes": []}, "sizes must be a non-empty list"),
+    ({"sizes": [8, 0]}, "sizes must be a non-empty list"),
+    ({"sparsities": [2, 5], "sparsity_size": 16}, "sparsities must be <="),
+    ({"sizes": [2, 16], "size_sparsity": 3}, "size_sparsity 3 exceeds"),
+])
+def test_ablation_bad_grids_are_clear_errors(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sweep.ablation(TrainConfig(**TINY, out=str(tmp_path / "ab")), **kwargs)
+    assert not (tmp_path / "ab").exists()

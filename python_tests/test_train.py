@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from lasers_ext import metrics
+from lasers_ext import metrics, sparse_decode
 from lasers_ext import train as train_mod
 from lasers_ext.cli import main
 from lasers_ext.data import build_dataset
@@ -31,8 +31,8 @@ from lasers_ext.train import CHECKPOINT, TrainConfig, compare, evaluate, load_ru
 # Tiny model, tiny crops, a few steps: every run here takes seconds on 2 CPU cores.
 TINY = dict(hidden=16, res_hidden=8, n_e=32, e_dim=4, sparsity=2, image_size=16, train_length=64, batch_size=8,
             eval_images=16, steps=6, log_every=2, checkpoint_every=2, eval_every=0, progress=False, device="cpu")
-PICTURES = ("reconstructions", "flip", "curves", "atoms", "atoms_embedding")
-EVAL_KEYS = {"model", "step", "psnr", "ssim", "flip", "lpips", "perplexity", "active_atoms", "images"}
+PICTURES = ("reconstructions", "flip", "curves", "atoms", "atoms_embedding", "latent_top_component")
+EVAL_KEYS = {"model", "step", "psnr", "ssim", "flip", "lpips", "perplexity", "active_atoms", "images", "latent_error"}
 LPIPS_MISSING = metrics.lpips_status().startswith("LPIPS unavailable")
 
 
@@ -640,3 +640,44 @@ def test_config_values_of_the_wrong_type_are_clear_errors(tmp_path, capsys, valu
     code, _, err = _run_main(["train", "--config", str(config), "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and f"configuration value {key}=" in err
     assert TrainConfig.from_dict({"lr": 1}).lr == 1.0  # an int is a valid float
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_training_tool_loss_weighting_is_equation_13_by_default(gen, legacy):
+    """Equation 13: ||sg[z] - z_hat||^2 + beta ||z - sg[z_hat]||^2. The encoder's gradient through the loss is then
+    2 beta (z - z_hat) / n and the dictionary's that of the unweighted first term; --legacy-weighting swaps them."""
+    cfg = TrainConfig(**{**TINY, "beta": 0.3}, legacy_weighting=legacy)
+    assert TrainConfig().legacy_weighting is False
+    bottleneck = train_mod.build_model(cfg, 3).bottleneck
+    assert bottleneck.legacy is legacy
+    z = torch.randn(2, 4, 3, 3, generator=gen, dtype=torch.float64).float().requires_grad_()
+    _, loss, info = bottleneck(z)
+    loss.backward()
+    sites = z.detach().permute(0, 2, 3, 1).reshape(-1, 4)
+    z_hat = sparse_decode(info.atom_indices, info.coeffs, bottleneck.atoms().detach())
+    weight = 1.0 if legacy else 0.3
+    expected = (2 * weight * (sites - z_hat) / sites.numel()).reshape(2, 3, 3, 4).permute(0, 3, 1, 2)
+    torch.testing.assert_close(z.grad, expected, rtol=1e-5, atol=1e-7)
+    by_hand = (0.3 if legacy else 1.0) * ((z_hat - sites) ** 2).mean() + weight * ((sites - z_hat) ** 2).mean()
+    torch.testing.assert_close(loss, by_hand)
+
+
+def test_checkpoints_without_the_weighting_field_trained_with_tamings():
+    saved = {"config": {k: v for k, v in TrainConfig().to_dict().items() if k != "legacy_weighting"}}
+    assert train_mod._saved_config(saved).legacy_weighting is True
+    assert train_mod._saved_config({"config": TrainConfig().to_dict()}).legacy_weighting is False
+
+
+def test_compare_all_four_models(tmp_path, no_pictures, monkeypatch):
+    monkeypatch.setattr(train_mod, "_compare_pictures", lambda *a, **k: None)
+    cfg = TrainConfig(**{**TINY, "steps": 1, "log_every": 1, "eval_images": 4, "disc_start": 0, "ndf": 8,
+                         "disc_layers": 2}, out=str(tmp_path / "all"))
+    results = compare(cfg, models=["vq-vae", "dl-vae", "vq-gan", "dl-gan"])
+    assert list(results) == ["vq-vae", "dl-vae", "vq-gan", "dl-gan"]
+    assert (tmp_path / "all" / "compare.md").read_text().count("\n") == 2 + 4
+    with pytest.raises(ValueError, match="distinct names"):
+        compare(cfg, models=["vq-vae", "vq-vae"])
+    with pytest.raises(ValueError, match="distinct names"):
+        compare(cfg, models=["vq-transformer"])
+    with pytest.raises(ValueError, match="not both"):
+        compare(cfg, gan=True, models=["vq-gan"])
