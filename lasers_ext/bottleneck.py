@@ -215,7 +215,7 @@ class SparseDictBottleneck(nn.Module):
     def _from_sites(self, sites: Tensor, b: int, h: int, w: int) -> Tensor:
         ph, pw = self.patch_size
         z = sites.reshape(b, h // ph, w // pw, ph, pw, self.e_dim).permute(0, 5, 1, 3, 2, 4)
-        return z.reshape(b, self.e_dim, h, w)
+        return z.reshape(b, self.e_dim, h, w).contiguous()  # channels-first memory, as the decoder expects
 
     def forward(self, z: Tensor, temp=None, rescale_logits: bool = False, return_logits: bool = False):
         check_quantizer_call(z, self.e_dim, temp, rescale_logits, return_logits)

@@ -631,8 +631,7 @@ def _run_pictures(model: Autoencoder, test_set, out: Path, device: torch.device,
     pictures = out / "pictures"
     x = _picture_batch(test_set).to(device)
     inputs, y, latents = _outputs(model, x, task)
-    rows = {"reconstruction": y.cpu()} if task == "reconstruction" else {f"input ({task})": inputs.cpu(),
-                                                                         "output": y.cpu()}
+    rows = {"reconstruction": y.cpu()} if task == "reconstruction" else {"input": inputs.cpu(), "output": y.cpu()}
     plots.save_reconstruction_grid(x.cpu(), rows, pictures / "reconstructions.png")
     plots.save_latent_components({f"{k} ({model.kind.upper()})": v.cpu() for k, v in latents.items()},
                                  pictures / "latent_top_component.png")
@@ -727,7 +726,7 @@ def _compare_pictures(base: Path, names: list[str], cfg: TrainConfig) -> None:
             for name in names}
     plots.plot_training_curves(runs, base / "pictures" / "curves.png")
     x = _picture_batch(_dataset(cfg, "test"))
-    recs = {} if cfg.task == "reconstruction" else {f"input ({cfg.task})": degrade(x, cfg.task)}
+    recs = {} if cfg.task == "reconstruction" else {"input": degrade(x, cfg.task)}
     maps, latents = {}, {}
     for name in names:
         _, model, _ = load_run(base / name)
