@@ -70,31 +70,31 @@ EncodeRange<T> pick_encode_range() {
 #define LASERS_SIMD_CLONES
 #endif
 
-// Gram rows [begin, end) from the transposed unit atoms ut (M, K): the fma chains of gram_entry (omp_core.h) for all b
-// of a row at once (m outer, b inner: the same per-entry order, vectorised). row is K doubles of scratch.
+// Gram row blocks p and B - 1 - p (B blocks of core::kGramRows rows) for p in [begin, end): core::host_gram_rows
+// computes a block's part right of the diagonal, so a pair is the same work whatever p is, and threads taking ranges
+// of pairs get equal shares. acc: kGramRows * kGramCols doubles.
 template <typename T>
-LASERS_HOST_INLINE void gram_rows_impl(const T* ut, int64_t K, int64_t M, int64_t begin, int64_t end, double* row,
-                                       T* gram) {
-  for (int64_t a = begin; a < end; ++a) {
-    for (int64_t b = 0; b < K; ++b) row[b] = 0.0;
-    for (int64_t m = 0; m < M; ++m) {
-      const double u = ut[m * K + a];
-      const T* um = ut + m * K;
-#pragma omp simd
-      for (int64_t b = 0; b < K; ++b) row[b] = std::fma(u, double(um[b]), row[b]);
-    }
-    for (int64_t b = 0; b < K; ++b) gram[a * K + b] = static_cast<T>(row[b]);
+LASERS_HOST_INLINE void gram_pairs_impl(const T* ut, int64_t K, int64_t M, int64_t begin, int64_t end, double* acc,
+                                        T* gram) {
+  const int64_t blocks = (K + core::kGramRows - 1) / core::kGramRows;
+  auto block = [&](int64_t q) {
+    const int64_t a0 = q * core::kGramRows;
+    core::host_gram_rows(ut, K, M, a0, a0 + core::kGramRows < K ? a0 + core::kGramRows : K, acc, gram);
+  };
+  for (int64_t p = begin; p < end; ++p) {
+    block(p);
+    if (blocks - 1 - p != p) block(blocks - 1 - p);
   }
 }
 
-LASERS_SIMD_CLONES void gram_rows(const float* ut, int64_t K, int64_t M, int64_t begin, int64_t end, double* row,
-                                  float* gram) {
-  gram_rows_impl(ut, K, M, begin, end, row, gram);
+LASERS_SIMD_CLONES void gram_pairs(const float* ut, int64_t K, int64_t M, int64_t begin, int64_t end, double* acc,
+                                   float* gram) {
+  gram_pairs_impl(ut, K, M, begin, end, acc, gram);
 }
 
-LASERS_SIMD_CLONES void gram_rows(const double* ut, int64_t K, int64_t M, int64_t begin, int64_t end, double* row,
-                                  double* gram) {
-  gram_rows_impl(ut, K, M, begin, end, row, gram);
+LASERS_SIMD_CLONES void gram_pairs(const double* ut, int64_t K, int64_t M, int64_t begin, int64_t end, double* acc,
+                                   double* gram) {
+  gram_pairs_impl(ut, K, M, begin, end, acc, gram);
 }
 
 // dictionary (K, M), float32 or float64, on the CPU. The preparation of omp_core.h (atom_norm, gram_entry): float64
@@ -110,9 +110,10 @@ PreparedDictionary prepare_dictionary_cpu(const at::Tensor& dictionary) {
     scalar_t* inv = out.inv_norm.mutable_data_ptr<scalar_t>();
     for (int64_t k = 0; k < K; ++k) core::prepare_atom(src, K, M, k, ut, inv);
     scalar_t* gram = out.gram.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, K, 16, [&](int64_t begin, int64_t end) {
-      std::vector<double> row(K);
-      gram_rows(ut, K, M, begin, end, row.data(), gram);
+    const int64_t blocks = (K + core::kGramRows - 1) / core::kGramRows;
+    at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> acc(core::kGramRows * core::kGramCols);
+      gram_pairs(ut, K, M, begin, end, acc.data(), gram);
     });
   });
   return out;
