@@ -8,8 +8,10 @@ Public API:
     VectorQuantizer(n_e, e_dim, beta=0.25, ..., ema=False): the VQ baseline with the same interface
     build_autoencoder("dl" | "vq", ...) -> Autoencoder; PatchDiscriminator: the paper's models (lasers_ext.models)
 
-Submodules imported on demand: lasers_ext.train (TrainConfig, train, evaluate, compare), lasers_ext.data,
-lasers_ext.metrics, lasers_ext.plots, lasers_ext.cli (the ``lasers`` command), lasers_ext.benchmark.
+Submodules imported on demand: lasers_ext.train (TrainConfig, train, evaluate, compare), lasers_ext.prior (stage-2
+transformer prior), lasers_ext.sweep (rate-distortion and ablation grids), lasers_ext.tasks (downstream tasks),
+lasers_ext.data, lasers_ext.metrics, lasers_ext.plots, lasers_ext.cli (the ``lasers`` command),
+lasers_ext.benchmark.
 """
 
 from .backends import BACKENDS, available_backends
