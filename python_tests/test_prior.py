@@ -197,3 +197,18 @@ def test_cached_step_decoding_matches_the_full_forward(gen):
     for t in range(10):
         torch.testing.assert_close(prior.step(previous, t, caches), full[:, t], rtol=1e-5, atol=1e-5)
         previous = tokens[:, t]
+
+
+def test_damaged_files_are_clear_errors_or_rebuilt(runs, tmp_path):
+    run = tmp_path / "dl"
+    shutil.copytree(runs["dl"], run, ignore=shutil.ignore_patterns("prior"))
+    train_prior(run, PriorConfig(**{**PRIOR, "steps": 2}))
+    (run / "prior" / "tokens.pt").write_bytes(b"not a tensor file")  # a damaged cache is rebuilt
+    ckpt = run / "prior" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # a checkpoint cut by a crash outside the atomic write
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        train_prior(run, PriorConfig(**{**PRIOR, "steps": 4}))
+    assert len(ckpt.read_bytes()) == 100  # left untouched
+    ckpt.unlink()
+    result = train_prior(run, PriorConfig(**{**PRIOR, "steps": 2}))
+    assert result["steps"] == 2 and torch.load(run / "prior" / "tokens.pt", weights_only=False)["train"].numel()
