@@ -242,8 +242,8 @@ def read_checkpoint(path: Path, device: torch.device | str) -> dict:
         state = torch.load(path, map_location=device, weights_only=False)
     except Exception as err:  # torch.load raises EOFError, UnpicklingError, RuntimeError, OSError, ... by cause
         raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err}). It is damaged or was "
-                         "not written by the lasers training tool; nothing was changed. Move it away (or restore it from a "
-                         "backup) to train this run directory afresh.") from err
+                         "not written by the lasers training tool; nothing was changed. Move it away (or restore it "
+                         "from a backup) to train this run directory afresh.") from err
     missing = [f for f in CHECKPOINT_FIELDS if not isinstance(state, dict) or f not in state]
     if missing:
         raise ValueError(f"{path} is not a lasers checkpoint (missing {', '.join(missing)}); nothing was changed. "
