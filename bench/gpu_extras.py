@@ -76,12 +76,8 @@ def fid_check(args) -> dict:
         y = torch.cat([_to_image(model(_to_model(x[i:i + 64]))[0]) for i in range(0, n, 64)])
     out = {"run": str(args.run), "model": cfg.model, "step": step, "images": n}
     for device in ("cuda", "cpu") if torch.cuda.is_available() else ("cpu",):
-        fid = metrics.FID(device)
         tic = time.perf_counter()
-        for i in range(0, n, 64):
-            fid.update(x[i:i + 64].to(device), real=True)
-            fid.update(y[i:i + 64].to(device), real=False)
-        out[f"fid_{device}"] = fid.compute()["fid"]
+        out[f"fid_{device}"] = metrics.fid_between(x, y, device)["fid"]
         out[f"seconds_{device}"] = time.perf_counter() - tic
     if "fid_cuda" in out:
         out["abs_difference"] = abs(out["fid_cuda"] - out["fid_cpu"])

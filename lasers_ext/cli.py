@@ -67,21 +67,30 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _add_fields(group: argparse._ArgumentGroup, cls, flag_prefix: str = "", dest_prefix: str = "",
+                defaults: dict | None = None) -> None:
+    """One flag per field of the options dataclass ``cls`` (``--<flag_prefix><name>``, stored as
+    ``<dest_prefix><name>``), defaults left as None so that only the flags given are applied; ``defaults`` are shown
+    in --help."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + flag_prefix + f.name.replace("_", "-")
+        dest = dest_prefix + f.name
+        help_text = f"{f.metadata['help']} (default: {(defaults or {}).get(f.name, f.default)})"
+        hint = hints[f.name]
+        if hint is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        group.add_argument(flag, dest=dest, type=base, default=None, choices=f.metadata.get("choices"),
+                           help=help_text, metavar=None if f.metadata.get("choices") else base.__name__.upper())
+
+
 def _add_config_options(parser: argparse.ArgumentParser, **defaults) -> None:
     """One flag per TrainConfig field, defaults left as None so that --config values can fill the gaps; ``defaults``
     are this subcommand's own defaults (shown in --help, applied by _config_from)."""
-    hints = typing.get_type_hints(TrainConfig)
     group = parser.add_argument_group("training options (also readable from --config)")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {defaults.get(f.name, f.default)})"
-        hint = hints[f.name]
-        if hint is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            continue
-        base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-        group.add_argument(flag, type=base, default=None, choices=f.metadata.get("choices"), help=help_text,
-                           metavar=None if f.metadata.get("choices") else base.__name__.upper())
+    _add_fields(group, TrainConfig, defaults=defaults)
     group.add_argument("--config", type=Path, default=None,
                        help="JSON file with option values (flat, or a run's config.json); flags override it")
 
@@ -99,19 +108,10 @@ def _config_from(args: argparse.Namespace, **defaults) -> TrainConfig:
     return TrainConfig.from_dict(values).validate()
 
 
-def _add_prior_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
-    """One flag per PriorConfig field (``--prior-steps`` with prefix "prior-")."""
-    hints = typing.get_type_hints(PriorConfig)
-    group = parser.add_argument_group("prior options")
-    for f in dataclasses.fields(PriorConfig):
-        flag = "--" + prefix + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
-        if hints[f.name] is bool:
-            group.add_argument(flag, dest="prior_" + f.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=help_text)
-        else:
-            group.add_argument(flag, dest="prior_" + f.name, type=hints[f.name], default=None, help=help_text,
-                               choices=f.metadata.get("choices"))
+def _add_prior_options(parser: argparse.ArgumentParser, flags_prefix: bool = False) -> None:
+    """One flag per PriorConfig field: ``--steps``, or ``--prior-steps`` with ``flags_prefix`` (beside the training
+    options of ``compare``); always stored as ``prior_<name>``."""
+    _add_fields(parser.add_argument_group("prior options"), PriorConfig, "prior-" if flags_prefix else "", "prior_")
 
 
 def _prior_config_from(args: argparse.Namespace) -> PriorConfig:
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage2", action="store_true", help="then train a prior over each model's tokens (the DL model "
                    "with --coeff-bins, 16 unless given) and compare NLL, sample FID and cost")
     _add_config_options(p, **COMPARE_DEFAULTS)
-    _add_prior_options(p, prefix="prior-")
+    _add_prior_options(p, flags_prefix=True)
 
     p = sub.add_parser("prior", help="stage 2: a transformer prior over a trained run's tokens")
     prior_sub = p.add_subparsers(dest="prior_command", required=True)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FID", "code_counts", "flip", "frechet_distance", "lpips_network", "lpips_status", "perplexity", "psnr",
-           "ssim"]
+__all__ = ["FID", "code_counts", "fid_between", "flip", "frechet_distance", "lpips_network", "lpips_status",
+           "perplexity", "psnr", "ssim"]
 
 _SSIM_SIGMA = 1.5
 _SSIM_RADIUS = int(3.5 * _SSIM_SIGMA + 0.5)  # skimage: truncate=3.5 -> 11-tap window for sigma=1.5
@@ -268,3 +268,13 @@ class FID:
                           stacklevel=2)
         fid = frechet_distance(np.concatenate(self._features[True]), np.concatenate(self._features[False]))
         return {"fid": fid, "n_real": n_real, "n_fake": n_fake, "network": self.network}
+
+
+def fid_between(real: Tensor, fake: Tensor, device: torch.device | str = "cpu", batch_size: int = 64) -> dict:
+    """FID (see :class:`FID`) between two image sets (N, C, H, W) in [0, 1], fed in batches: FID.compute()'s dict."""
+    fid = FID(device)
+    for start in range(0, len(real), batch_size):
+        fid.update(real[start:start + batch_size].to(device), real=True)
+    for start in range(0, len(fake), batch_size):
+        fid.update(fake[start:start + batch_size].to(device), real=False)
+    return fid.compute()

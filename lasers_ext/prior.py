@@ -29,6 +29,8 @@ from .tokens import TokenGrammar
 from .train import (
     TrainConfig,
     _append_record,
+    _check_choices,
+    _config_from_dict,
     _dataset,
     _opt,
     _rng_state,
@@ -40,6 +42,7 @@ from .train import (
     compare,
     load_run,
     read_checkpoint,
+    resolve_device,
     save_checkpoint,
 )
 
@@ -86,17 +89,13 @@ class PriorConfig:
             raise ValueError("lr and temperature must be > 0 and dropout in [0, 1)")
         if self.fid_images == 1:
             raise ValueError("fid_images must be 0 (off) or >= 2")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        _check_choices(self)
         return self
 
     @classmethod
     def from_dict(cls, values: dict) -> PriorConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown prior configuration keys: {', '.join(sorted(unknown))}")
-        return cls(**values)
+        """A configuration from a dict (a checkpoint); see train._config_from_dict."""
+        return _config_from_dict(cls, values)
 
 
 class _Block(nn.Module):
@@ -236,12 +235,6 @@ def _encode(model: Autoencoder, dataset, count: int, device: torch.device, progr
     return torch.cat(seqs), shape
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but no CUDA GPU is available")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-
-
 def _token_data(run: Path, model: Autoencoder, stage1: TrainConfig, step: int, cfg: PriorConfig,
                 device: torch.device) -> dict:
     """Train/test token sequences of run's autoencoder (int16 where the ids fit), cached in RUN/prior/tokens.pt for
@@ -304,7 +297,7 @@ def train_prior(run: str | Path, cfg: PriorConfig) -> dict:
     and FID of samples against test images when ``cfg.fid_images`` is set."""
     cfg.validate()
     run = Path(run)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     stage1, model, stage1_step, grammar = _load_stage1(run, device)
     out = run / PRIOR_DIR
     out.mkdir(exist_ok=True)
@@ -370,14 +363,8 @@ def train_prior(run: str | Path, cfg: PriorConfig) -> dict:
             checkpoint()
     bar.close()
     result = _evaluate_nll(prior, grammar, test_tokens, data["image_dims"], device)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    count = max(cfg.samples, cfg.fid_images)
-    images = []
-    for start in range(0, count, 64):
-        seqs = sample_tokens(prior, grammar, min(64, count - start), temperature=cfg.temperature,
-                             generator=generator, progress=cfg.progress)
-        images.append(decode_tokens(model, seqs.to(device), data["latent_shape"]).cpu())
-    images = torch.cat(images)
+    images = _sample_decoded(model, prior, grammar, data["latent_shape"], max(cfg.samples, cfg.fid_images),
+                             cfg.temperature, cfg.seed, cfg.progress)
     plots.save_image_grid(images[:cfg.samples], out / "samples.png")
     result.update(model=stage1.model, steps=step, tokens_per_image=block,
                   bits_per_image=model.bottleneck.bits_per_site * block / grammar.tokens_per_site,
@@ -392,13 +379,22 @@ def train_prior(run: str | Path, cfg: PriorConfig) -> dict:
 
 def _sample_fid(samples: Tensor, test_set, device: torch.device) -> dict:
     n = min(len(samples), len(test_set))
-    fid = metrics.FID(device)
+    real = torch.stack([test_set[i] for i in range(n)])
+    return {"fid": metrics.fid_between(real, samples[:n], device)["fid"], "fid_images": n}
+
+
+@torch.no_grad()
+def _sample_decoded(model: Autoencoder, prior: TokenPrior, grammar: TokenGrammar, latent_shape: tuple[int, int, int],
+                    n: int, temperature: float, seed: int, progress: bool) -> Tensor:
+    """n samples of ``prior`` decoded by ``model``, 64 sequences at a time: images (n, C, H, W) on the CPU."""
+    generator = torch.Generator().manual_seed(seed)
+    device = prior.head.weight.device
+    images = []
     for start in range(0, n, 64):
-        stop = min(start + 64, n)
-        fid.update(torch.stack([test_set[i] for i in range(start, stop)]).to(device), real=True)
-        fid.update(samples[start:stop].to(device), real=False)
-    score = fid.compute()
-    return {"fid": score["fid"], "fid_images": n}
+        seqs = sample_tokens(prior, grammar, min(64, n - start), temperature=temperature, generator=generator,
+                             progress=progress)
+        images.append(decode_tokens(model, seqs.to(device), latent_shape).cpu())
+    return torch.cat(images)
 
 
 def load_prior(run: str | Path, device: torch.device | str = "cpu"):
@@ -423,13 +419,7 @@ def sample_images(run: str | Path, n: int = 64, *, temperature: float = 1.0, see
     if n < 1 or not temperature > 0:
         raise ValueError(f"need n >= 1 and temperature > 0, got n={n}, temperature={temperature}")
     model, prior, grammar, shape = load_prior(run, device)
-    generator = torch.Generator().manual_seed(seed)
-    images = []
-    for start in range(0, n, 64):
-        seqs = sample_tokens(prior, grammar, min(64, n - start), temperature=temperature, generator=generator,
-                             progress=progress)
-        images.append(decode_tokens(model, seqs.to(device), shape).cpu())
-    return torch.cat(images)
+    return _sample_decoded(model, prior, grammar, shape, n, temperature, seed, progress)
 
 
 def format_stage2_table(results: dict[str, dict]) -> str:
@@ -457,8 +447,8 @@ def compare_stage2(cfg: TrainConfig, prior_cfg: PriorConfig) -> dict[str, dict]:
     table = format_stage2_table(results)
     (base / "stage2.md").write_text(table + "\n")
     _write_json(base / "stage2.json", results)
+    (base / "pictures").mkdir(exist_ok=True)
     for name in results:
-        (base / "pictures").mkdir(exist_ok=True)
         shutil.copyfile(base / name / PRIOR_DIR / "samples.png", base / "pictures" / f"samples-{name}.png")
     print(table)
     print(f"\nsamples: {base / 'pictures'}/samples-*.png; table: {base / 'stage2.md'}")

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from . import distributed, metrics, plots
 from .data import build_dataset
 from .models import Autoencoder, GANLoss, PatchDiscriminator, ReconstructionLoss, build_autoencoder
+from .quantizer import QuantizerInfo
 from .tasks import TASKS, degrade
 
 __all__ = ["MODELS", "TrainConfig", "TrainState", "train", "evaluate", "evaluate_run", "compare", "load_run",
@@ -51,6 +52,47 @@ _ARCHITECTURE = ("model", "hidden", "res_hidden", "n_res_blocks", "n_e", "e_dim"
 
 def _opt(default, help: str, **kw):
     return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def _check_choices(cfg) -> None:
+    """ValueError naming the first field of the dataclass ``cfg`` whose value is not among its metadata choices."""
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(cfg, f.name)!r}")
+
+
+def _config_from_dict(cls, values: dict):
+    """An instance of the options dataclass ``cls`` (TrainConfig, PriorConfig) from a dict (a --config file, a
+    checkpoint): unknown keys and values of the wrong type raise ValueError naming the key (an int is accepted for a
+    float field)."""
+    if not isinstance(values, dict):
+        raise ValueError(f"a configuration must be a JSON object of option values, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+    hints = typing.get_type_hints(cls)
+    checked = {}
+    for name, value in values.items():
+        types = tuple(t for t in (typing.get_args(hints[name]) or (hints[name],)))
+        if value is None and type(None) in types:
+            checked[name] = value
+            continue
+        if float in types and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ValueError(f"configuration value {name}={value!r} must be {wanted}")
+        checked[name] = value
+    return cls(**checked)
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" (CUDA when available, else CPU), "cpu" or "cuda"; ValueError for "cuda" without a GPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but no CUDA GPU is available")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
 @dataclasses.dataclass
@@ -128,10 +170,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raises ValueError naming the first bad field; returns self."""
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        _check_choices(self)
         positive = ("steps", "batch_size", "hidden", "res_hidden", "n_e", "e_dim", "sparsity", "patch_size", "ndf",
                     "disc_layers", "log_every", "checkpoint_every")
         for name in positive:
@@ -158,28 +197,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        """A configuration from a dict (a --config file, a checkpoint): unknown keys and values of the wrong type
-        raise ValueError naming the key (an int is accepted for a float field)."""
-        if not isinstance(values, dict):
-            raise ValueError(f"a configuration must be a JSON object of option values, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
-        hints = typing.get_type_hints(cls)
-        checked = {}
-        for name, value in values.items():
-            types = tuple(t for t in (typing.get_args(hints[name]) or (hints[name],)))
-            if value is None and type(None) in types:
-                checked[name] = value
-                continue
-            if float in types and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-                wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-                raise ValueError(f"configuration value {name}={value!r} must be {wanted}")
-            checked[name] = value
-        return cls(**checked)
+        """A configuration from a dict (a --config file, a checkpoint); see _config_from_dict."""
+        return _config_from_dict(cls, values)
 
 
 # ----------------------------------------------------------------------------------------------------------- pieces
@@ -394,10 +413,8 @@ def evaluate(model: Autoencoder, dataset, *, device: torch.device | str = "cpu",
     fid_seen = 0
     for x in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         x = x.to(device)
-        z = model.encoder(_to_model(degrade(x, task)))
-        z_q, _, info = model.bottleneck(z)
-        y = _to_image(model.decode(z_q))
-        sums["latent_error"] += ((z - z_q) ** 2).flatten(1).mean(1).sum().item()
+        _, y, latents, info = _outputs(model, x, task)
+        sums["latent_error"] += ((latents["z"] - latents["z_q"]) ** 2).flatten(1).mean(1).sum().item()
         sums["psnr"] += metrics.psnr(x, y).clamp(max=100.0).sum().item()  # identical images: cap inf at 100 dB
         sums["ssim"] += metrics.ssim(x, y).sum().item()
         sums["flip"] += metrics.flip(x, y)[0].sum().item()
@@ -612,25 +629,25 @@ def _picture_batch(test_set, count: int = 8) -> Tensor:
     return torch.stack([test_set[int(i)] for i in picks])
 
 
-def _outputs(model: Autoencoder, x: Tensor, task: str) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """(task input, output image, {"z": encoder output, "z_q": its quantisation}) of ``model`` (eval mode, no grad)
-    for images x in [0, 1]."""
+def _outputs(model: Autoencoder, x: Tensor, task: str) -> tuple[Tensor, Tensor, dict[str, Tensor], QuantizerInfo]:
+    """(task input, output image, {"z": encoder output, "z_q": its quantisation}, the bottleneck's info) of ``model``
+    (eval mode, no grad) for images x in [0, 1]."""
     was = model.training
     model.eval()
     with torch.no_grad():
         inputs = degrade(x, task)
         z = model.encoder(_to_model(inputs))
-        z_q = model.bottleneck(z)[0]
+        z_q, _, info = model.bottleneck(z)
         y = _to_image(model.decode(z_q))
     model.train(was)
-    return inputs, y, {"z": z, "z_q": z_q}
+    return inputs, y, {"z": z, "z_q": z_q}, info
 
 
 def _run_pictures(model: Autoencoder, test_set, out: Path, device: torch.device, counts: Tensor,
                   task: str = "reconstruction") -> None:
     pictures = out / "pictures"
     x = _picture_batch(test_set).to(device)
-    inputs, y, latents = _outputs(model, x, task)
+    inputs, y, latents, _ = _outputs(model, x, task)
     rows = {"reconstruction": y.cpu()} if task == "reconstruction" else {"input": inputs.cpu(), "output": y.cpu()}
     plots.save_reconstruction_grid(x.cpu(), rows, pictures / "reconstructions.png")
     plots.save_latent_components({f"{k} ({model.kind.upper()})": v.cpu() for k, v in latents.items()},
@@ -660,8 +677,7 @@ def load_run(run: str | Path, device: torch.device | str = "cpu") -> tuple[Train
 def evaluate_run(run: str | Path, *, device: str = "auto", max_images: int | None = None,
                  fid_images: int | None = None, progress: bool = True) -> dict:
     """Evaluates the checkpoint of ``run`` on its test split; writes eval.json and eval.md there and returns them."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     cfg, model, step = load_run(run, dev)
     test_set = _dataset(cfg, "test")
     perceptual, _ = _perceptual(cfg, dev)
@@ -730,7 +746,7 @@ def _compare_pictures(base: Path, names: list[str], cfg: TrainConfig) -> None:
     maps, latents = {}, {}
     for name in names:
         _, model, _ = load_run(base / name)
-        _, y, pair = _outputs(model, x, cfg.task)
+        _, y, pair, _ = _outputs(model, x, cfg.task)
         latents.update({f"{k} ({name})": v for k, v in pair.items()})
         recs[name] = y
         maps[name] = metrics.flip(x, y)[1]
