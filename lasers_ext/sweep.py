@@ -24,6 +24,8 @@ __all__ = ["run_grid", "rate_distortion", "rate_matched", "ablation", "RD_DEFAUL
 RD_DEFAULTS = {"sparsities": (1, 2, 3, 5), "bins": (8, 16, 32), "codebooks": (64, 256, 1024, 4096)}
 # the paper's ablations: Table 4 (dictionary size K at S = 4, VQ at the same K), Table 5 (sparsity S at K = 512)
 ABLATION_DEFAULTS = {"sizes": (64, 256, 512), "size_sparsity": 4, "sparsities": (2, 4, 5, 8, 10), "sparsity_size": 512}
+# what a table row keeps of a cell's evaluation
+_ROW_METRICS = ("psnr", "ssim", "perplexity", "active_atoms", "step")
 # options that do not change what a finished cell computed
 _NOT_RESULTS = ("out", "progress", "device", "workers")
 
@@ -125,8 +127,7 @@ def rate_distortion(base: TrainConfig, *, sparsities: Sequence[int] = RD_DEFAULT
     results = run_grid(base, cells)
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
-    rows = [{"cell": name, **meta[name], "psnr": r["psnr"], "ssim": r["ssim"], "perplexity": r["perplexity"],
-             "active_atoms": r["active_atoms"], "step": r["step"]} for name, r in results.items()]
+    rows = [{"cell": name, **meta[name], **{k: r[k] for k in _ROW_METRICS}} for name, r in results.items()]
     matched = rate_matched(rows)
     out = Path(base.out)
     table = _table(rows, matched)
@@ -171,8 +172,7 @@ def ablation(base: TrainConfig, *, sizes: Sequence[int] = ABLATION_DEFAULTS["siz
     for name, overrides in cells:
         r = results[name]
         rows.append({"cell": name, "bottleneck": "DL" if overrides["model"] == "dl-vae" else "VQ",
-                     "K": overrides["n_e"], "S": overrides.get("sparsity", 1), "psnr": r["psnr"], "ssim": r["ssim"],
-                     "perplexity": r["perplexity"], "active_atoms": r["active_atoms"], "step": r["step"]})
+                     "K": overrides["n_e"], "S": overrides.get("sparsity", 1), **{k: r[k] for k in _ROW_METRICS}})
     lines = ["| bottleneck | K | S | PSNR (dB) | SSIM | perplexity | active atoms |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["bottleneck"], r["K"], r["S"])):
         lines.append(f"| {r['bottleneck']} | {r['K']} | {r['S']} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
