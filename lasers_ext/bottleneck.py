@@ -249,20 +249,19 @@ class SparseDictBottleneck(nn.Module):
                 self._online_update(x.detach(), indices, coeffs)
         z_q = self._from_sites(z_q, b, h, w).to(z.dtype)
         sites = (b, h // self.patch_size[0], w // self.patch_size[1])
-        if self.sparsity == 1:
-            indices, coeffs = indices[:, 0], coeffs[:, 0]
-        extra = {}
+        codes = {"atom_indices": indices, "coeffs": coeffs.to(z.dtype)}
         if bins is not None:
-            extra["bins"] = bins if self.sparsity > 1 else bins[:, 0]
-        if self.sane_index_shape:
-            indices, coeffs = indices.reshape(*sites, *indices.shape[1:]), coeffs.reshape(*sites, *coeffs.shape[1:])
-            extra = {k: v.reshape(*sites, *v.shape[1:]) for k, v in extra.items()}
-        codes = indices
-        if bins is not None:  # taming's info[2] becomes the stage-2 tokens
-            codes = self.codec.encode(indices.unsqueeze(-1) if self.sparsity == 1 else indices,
-                                      extra["bins"].unsqueeze(-1) if self.sparsity == 1 else extra["bins"])
-        info = QuantizerInfo(stats.pop("perplexity"), None, codes, atom_indices=indices, coeffs=coeffs.to(z.dtype),
-                             **extra, **stats)
+            codes["bins"] = bins
+        tokens = None if bins is None else self.codec.encode(indices, bins)  # (N, 2S): taming's info[2] in stage 2
+        if self.sparsity == 1:  # taming's (N,) layout
+            codes = {k: v[:, 0] for k, v in codes.items()}
+
+        def layout(v: Tensor) -> Tensor:
+            return v.reshape(*sites, *v.shape[1:]) if self.sane_index_shape else v
+
+        codes = {k: layout(v) for k, v in codes.items()}
+        third = codes["atom_indices"] if tokens is None else layout(tokens)
+        info = QuantizerInfo(stats.pop("perplexity"), None, third, **codes, **stats)
         return z_q, loss.to(z.dtype), info
 
     def _dequantize(self, indices: Tensor, bins: Tensor, dtype: torch.dtype) -> Tensor:
