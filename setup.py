@@ -64,7 +64,8 @@ def _extension():
         archs = {(8, 0), (9, 0)}
         archs |= {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
         os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" for a, b in sorted(archs)) + "+PTX"
-    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    cuda_dir = os.path.join("csrc", "cuda")
+    sources += sorted(glob.glob(os.path.join(cuda_dir, "*.cpp")) + glob.glob(os.path.join(cuda_dir, "*.cu")))
     # Warnings that signal real bugs fail the build: host-only calls from device code, use before set (549),
     # missing return (940), and any register spill or local-memory array in a kernel (ptxas). -fmad=false: no
     # multiply-add contraction beyond the explicit fma calls of the arithmetic contract (csrc/omp_core.h).

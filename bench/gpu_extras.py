@@ -65,15 +65,16 @@ def triton_check(args) -> dict:
 def fid_check(args) -> dict:
     import torch
 
-    from lasers_ext import metrics
-    from lasers_ext.train import _dataset, _to_image, _to_model, load_run
+    from lasers_ext.training import load_run, metrics
+    from lasers_ext.training.config import run_dataset
+    from lasers_ext.training.evaluate import to_image, to_model
 
     cfg, model, step = load_run(args.run)
-    test = _dataset(cfg, "test")
+    test = run_dataset(cfg, "test")
     n = min(args.images, len(test))
     x = torch.stack([test[i] for i in range(n)])
     with torch.no_grad():
-        y = torch.cat([_to_image(model(_to_model(x[i:i + 64]))[0]) for i in range(0, n, 64)])
+        y = torch.cat([to_image(model(to_model(x[i:i + 64]))[0]) for i in range(0, n, 64)])
     out = {"run": str(args.run), "model": cfg.model, "step": step, "images": n}
     for device in ("cuda", "cpu") if torch.cuda.is_available() else ("cpu",):
         tic = time.perf_counter()

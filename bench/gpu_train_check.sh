@@ -71,11 +71,11 @@ lasers_ext.available_backends('$device'))" || { fail "import"; exit 1; }
 
 step "lasers compare on $device (bf16 autocast on CUDA)"
 rm -rf "$runs/compare" "$runs/compare-ddp"
-"$PY" -m lasers_ext.cli compare --device "$device" --out "$runs/compare" --no-progress "${compare_flags[@]}" \
+"$PY" -m lasers_ext.training.cli compare --device "$device" --out "$runs/compare" --no-progress "${compare_flags[@]}" \
   | tee "${out}-compare.txt" || fail "compare"
 
 step "the same under torchrun --nproc_per_node=1 ($([[ $device == cuda ]] && echo NCCL || echo gloo))"
-"$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m lasers_ext.cli compare --device "$device" \
+"$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m lasers_ext.training.cli compare --device "$device" \
   --out "$runs/compare-ddp" --no-progress "${compare_flags[@]}" | tee "${out}-compare-ddp.txt" \
   || fail "torchrun compare"
 

@@ -29,7 +29,8 @@ from contextlib import nullcontext
 import torch
 
 from lasers_ext.models import ReconstructionLoss
-from lasers_ext.train import TrainConfig, TrainState, _train_step
+from lasers_ext.training import TrainConfig, TrainState
+from lasers_ext.training.loop import _train_step
 
 
 def _sync(device: torch.device) -> None:

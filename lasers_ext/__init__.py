@@ -8,12 +8,16 @@ Public API:
     VectorQuantizer(n_e, e_dim, beta=0.25, ..., ema=False): the VQ baseline with the same interface
     build_autoencoder("dl" | "vq", ...) -> Autoencoder; PatchDiscriminator: the paper's models (lasers_ext.models)
 
-Submodules imported on demand: lasers_ext.train (TrainConfig, train, evaluate, compare), lasers_ext.prior (stage-2
-transformer prior), lasers_ext.sweep (rate-distortion and ablation grids), lasers_ext.tasks (downstream tasks),
-lasers_ext.data, lasers_ext.metrics, lasers_ext.plots, lasers_ext.cli (the ``lasers`` command),
-lasers_ext.benchmark.
+The library needs torch alone: ops (the op and its Python face), backends, reference (the float64 oracle),
+triton_omp, quantizer (what both quantizers share), bottleneck, vq, tokens, models.
+
+The training application is lasers_ext.training (the ``[train]`` extra): configuration, runs and checkpoints, the
+training loop, evaluation, comparison, sweeps, the stage-2 prior, data, metrics, pictures, torchrun, and the
+``lasers`` command. The Batch-OMP benchmark (``lasers-omp-bench``) is the package lasers_bench, in bench/.
+Old paths of moved modules (lasers_ext.train, lasers_ext.cli, ...) still import, with a FutureWarning.
 """
 
+from . import _moved
 from .backends import BACKENDS, available_backends
 from .bottleneck import SparseDictBottleneck
 from .models import Autoencoder, PatchDiscriminator, build_autoencoder
@@ -26,3 +30,5 @@ __all__ = ["BACKENDS", "Autoencoder", "CoefficientQuantizer", "PatchDiscriminato
            "SparseDictBottleneck", "TokenCodec", "VectorQuantizer", "available_backends", "batch_omp",
            "build_autoencoder", "sparse_decode"]
 __version__ = "0.1.0"
+
+_moved.install()

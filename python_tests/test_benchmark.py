@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_problem
+from lasers_bench import omp_bench as benchmark
 
-from lasers_ext import benchmark
 from lasers_ext.reference import batch_omp_reference
 
 

@@ -11,7 +11,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from lasers_ext.data import (
+from lasers_ext.training.data import (
     CIFAR10,
     DATASETS,
     PHOTOS,

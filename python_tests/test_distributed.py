@@ -2,7 +2,8 @@
 
 ``--batch-size 8`` is 8 images per step in total (4 per rank under 2 processes), so DDP's averaged gradients, the
 all-reduced EMA codebook statistics and the all-reduced logged means must reproduce the 1-process run within float
-tolerance. The oracle runs call ``lasers_ext.cli.main`` in this process (the code of ``python -m lasers_ext.cli``,
+tolerance. The oracle runs call ``lasers_ext.training.cli.main`` in this process (the code of
+``python -m lasers_ext.training.cli``,
 without paying another interpreter start); each torchrun launch costs seconds, so there are four.
 """
 
@@ -21,8 +22,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lasers_ext import cli
-from lasers_ext.train import _read_records
+from lasers_ext.training import cli
+from lasers_ext.training.runs import read_records
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -49,7 +50,7 @@ def _env() -> dict[str, str]:
 
 def _torchrun_cmd(out: Path, flags: list[str], nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-            "-m", "lasers_ext.cli", "train", "--out", str(out), *flags]
+            "-m", "lasers_ext.training.cli", "train", "--out", str(out), *flags]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -101,7 +102,7 @@ def _assert_same_state(run: Path, oracle: Path, step: int) -> None:
 
 
 def _train_records(run: Path) -> list[dict]:
-    return [r for r in _read_records(run / "metrics.jsonl") if r["kind"] == "train"]
+    return [r for r in read_records(run / "metrics.jsonl") if r["kind"] == "train"]
 
 
 def _assert_same_logs(run: Path, oracle: Path) -> None:
@@ -165,7 +166,7 @@ def test_only_rank_zero_writes(model, dl_two, vq_two, oracle):
     assert files == sorted(str(p.relative_to(one)) for p in one.rglob("*"))  # same files, no stray temporaries
     assert not [f for f in files if ".tmp" in f]
     steps = 4 if model == "dl-vae" else 2
-    records = _read_records(out / "metrics.jsonl")
+    records = read_records(out / "metrics.jsonl")
     assert [(r["kind"], r["step"]) for r in records] == [("train", s) for s in range(2, steps + 1, 2)] + [
         ("eval", steps)]
     assert _checkpoint(out)["world_size"] == 2
@@ -182,7 +183,7 @@ def test_resume_with_another_number_of_processes(vq_two, oracle, tmp_path):
     _one_process(out, _flags("vq-vae", 4))
     _assert_same_state(out, oracle["vq-vae"], 4)
     _assert_same_logs(out, oracle["vq-vae"])
-    assert [(r["kind"], r["step"]) for r in _read_records(out / "metrics.jsonl")] == [
+    assert [(r["kind"], r["step"]) for r in read_records(out / "metrics.jsonl")] == [
         ("train", 2), ("eval", 2), ("train", 4), ("eval", 4)]
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
 

@@ -1,4 +1,5 @@
-"""lasers_ext.metrics against independent references: skimage (PSNR, SSIM), flip_evaluator called directly, numpy
+"""lasers_ext.training.metrics against independent references:
+skimage (PSNR, SSIM), flip_evaluator called directly, numpy
 (code usage, perplexity), scipy.linalg.sqrtm (Fréchet distance); LPIPS's unavailable and wrapper paths."""
 
 import importlib.machinery
@@ -12,7 +13,7 @@ import scipy.linalg
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from lasers_ext.metrics import (
+from lasers_ext.training.metrics import (
     FID,
     code_counts,
     flip,

@@ -305,7 +305,7 @@ for q in (lasers_ext.SparseDictBottleneck(16, 4, sparsity=2), lasers_ext.VectorQ
 model = lasers_ext.build_autoencoder("dl", in_channels=3, hidden=8, res_hidden=4, n_res_blocks=1, n_e=16, e_dim=4,
                                      sparsity=2)
 assert model(torch.rand(1, 3, 16, 16))[0].shape == (1, 3, 16, 16)
-from lasers_ext.cli import main
+from lasers_ext.training.cli import main
 sys.exit(main(["train", "--steps", "1"]))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)

@@ -1,4 +1,4 @@
-"""lasers_ext.plots: every function writes a readable PNG; the pixel grids have exact geometry and content."""
+"""lasers_ext.training.plots: every function writes a readable PNG; the pixel grids have exact geometry and content."""
 
 import math
 
@@ -9,7 +9,7 @@ from matplotlib import colormaps
 from PIL import Image
 from sklearn.decomposition import PCA
 
-from lasers_ext.plots import (
+from lasers_ext.training.plots import (
     _pca_2d,
     _savgol_window,
     _square_shape,

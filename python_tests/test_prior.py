@@ -1,4 +1,5 @@
-"""lasers_ext.prior: the stage-2 transformer over DL tokens and VQ indices (one code path), sampling, resume, CLI.
+"""lasers_ext.training.prior:
+the stage-2 transformer over DL tokens and VQ indices (one code path), sampling, resume, CLI.
 
 Oracles: the token grammar (every sampled sequence decodes through TokenCodec.decode / the VQ range), causality
 checked by perturbing later tokens, NLL recomputed position by position from prefixes, bit-exact resume against an
@@ -12,12 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lasers_ext import prior as prior_mod
-from lasers_ext import train as train_mod
-from lasers_ext.cli import main
-from lasers_ext.prior import PriorConfig, TokenPrior, load_prior, sample_tokens, sequence_nll, train_prior
 from lasers_ext.tokens import TokenCodec, TokenGrammar
-from lasers_ext.train import TrainConfig, load_run, train
+from lasers_ext.training import TrainConfig, load_run, train
+from lasers_ext.training import compare as compare_mod
+from lasers_ext.training import loop as loop_mod
+from lasers_ext.training import prior as prior_mod
+from lasers_ext.training.cli import main
+from lasers_ext.training.prior import PriorConfig, TokenPrior, load_prior, sample_tokens, sequence_nll, train_prior
 
 STAGE1 = dict(hidden=16, res_hidden=8, n_e=16, e_dim=4, sparsity=2, image_size=16, train_length=32, batch_size=8,
               eval_images=8, steps=4, log_every=2, checkpoint_every=4, eval_every=0, progress=False, device="cpu")
@@ -30,7 +32,7 @@ def runs(tmp_path_factory):
     """Tiny trained autoencoders: DL-VAE with coefficient tokens, VQ-VAE, DL-VAE without tokens."""
     base = tmp_path_factory.mktemp("stage1")
     mp = pytest.MonkeyPatch()
-    mp.setattr(train_mod, "_run_pictures", lambda *a, **k: None)
+    mp.setattr(loop_mod, "run_pictures", lambda *a, **k: None)
     out = {}
     for name, extra in {"dl": dict(model="dl-vae", coeff_bins=4), "vq": dict(model="vq-vae"),
                         "plain": dict(model="dl-vae")}.items():
@@ -172,8 +174,8 @@ def test_cli_prior_train_and_sample(runs, tmp_path, capsys):
 
 
 def test_compare_stage2_end_to_end(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train_mod, "_run_pictures", lambda *a, **k: None)
-    monkeypatch.setattr(train_mod, "_compare_pictures", lambda *a, **k: None)
+    monkeypatch.setattr(loop_mod, "run_pictures", lambda *a, **k: None)
+    monkeypatch.setattr(compare_mod, "_compare_pictures", lambda *a, **k: None)
     cfg = TrainConfig(**{**STAGE1, "steps": 2, "checkpoint_every": 2}, out=str(tmp_path / "cmp"))
     results = prior_mod.compare_stage2(cfg, PriorConfig(**{**PRIOR, "steps": 2}))
     assert list(results) == ["vq-vae", "dl-vae"]

@@ -1,4 +1,4 @@
-"""lasers_ext.sweep: grids of short trainings and the rate-distortion comparison (``lasers rate-distortion``).
+"""lasers_ext.training.sweep: grids of short trainings and the rate-distortion comparison (``lasers rate-distortion``).
 
 Oracles: the bits-per-site formulas (S (log2 K + log2 B) for DL, log2 K for VQ), each cell's own eval.json and
 checkpoint, a hand-made equal-rate example, and the files the command promises, read back."""
@@ -10,10 +10,9 @@ from contextlib import nullcontext
 import pytest
 from PIL import Image
 
-from lasers_ext import sweep
-from lasers_ext import train as train_mod
-from lasers_ext.cli import main
-from lasers_ext.train import TrainConfig, load_run
+from lasers_ext.training import TrainConfig, load_run, sweep, train
+from lasers_ext.training import loop as loop_mod
+from lasers_ext.training.cli import main
 
 TINY = dict(hidden=16, res_hidden=8, n_e=32, e_dim=4, image_size=16, train_length=16, batch_size=8, eval_images=4,
             steps=2, log_every=1, checkpoint_every=2, eval_every=0, progress=False, device="cpu")
@@ -21,7 +20,7 @@ TINY = dict(hidden=16, res_hidden=8, n_e=32, e_dim=4, image_size=16, train_lengt
 
 @pytest.fixture
 def no_pictures(monkeypatch):
-    monkeypatch.setattr(train_mod, "_run_pictures", lambda *args, **kwargs: None)
+    monkeypatch.setattr(loop_mod, "run_pictures", lambda *args, **kwargs: None)
 
 
 def test_rate_distortion_grid_end_to_end_and_resume(tmp_path, no_pictures, capsys, monkeypatch):
@@ -55,7 +54,7 @@ def test_rate_distortion_grid_end_to_end_and_resume(tmp_path, no_pictures, capsy
     assert again == result
     # a longer budget resumes the finished cells (here: one cell) from their checkpoints
     resumed = []
-    monkeypatch.setattr(sweep, "train", lambda cfg, **kw: resumed.append(cfg) or train_mod.train(cfg))
+    monkeypatch.setattr(sweep, "train", lambda cfg, **kw: resumed.append(cfg) or train(cfg))
     longer = sweep.rate_distortion(TrainConfig(**{**TINY, "steps": 3}, out=str(tmp_path / "rd")), sparsities=[1],
                                    bins=[4], codebooks=[8])
     assert [c.out for c in resumed] == [str(tmp_path / "rd" / n) for n in ("dl-s1-b4", "vq-k8")]

@@ -9,11 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lasers_ext import plots
-from lasers_ext import train as train_mod
-from lasers_ext.cli import main
-from lasers_ext.tasks import degrade, inpainting_box
-from lasers_ext.train import TrainConfig, _to_image, _to_model, compare, evaluate, load_run, train
+from lasers_ext.training import TrainConfig, compare, evaluate, load_run, plots, train
+from lasers_ext.training import evaluate as evaluate_mod
+from lasers_ext.training import loop as loop_mod
+from lasers_ext.training.cli import main
+from lasers_ext.training.config import run_dataset
+from lasers_ext.training.evaluate import to_image, to_model
+from lasers_ext.training.tasks import degrade, inpainting_box
 
 TINY = dict(hidden=16, res_hidden=8, n_e=32, e_dim=4, sparsity=2, image_size=16, train_length=16, batch_size=8,
             eval_images=8, steps=2, log_every=1, checkpoint_every=2, eval_every=0, progress=False, device="cpu")
@@ -53,8 +55,9 @@ def test_super_resolution_is_pil_bicubic_down_and_up(gen):
 @pytest.mark.parametrize("task", ["super-resolution", "inpainting"])
 def test_task_training_and_evaluation_end_to_end(tmp_path, monkeypatch, task):
     seen = []
-    real = train_mod.degrade
-    monkeypatch.setattr(train_mod, "degrade", lambda x, t: seen.append((t, tuple(x.shape))) or real(x, t))
+    real = degrade
+    for module in (loop_mod, evaluate_mod):  # the training batches and the evaluation batches
+        monkeypatch.setattr(module, "degrade", lambda x, t: seen.append((t, tuple(x.shape))) or real(x, t))
     cfg = TrainConfig(**TINY, task=task, out=str(tmp_path / task))
     result = train(cfg)
     # every training batch and every evaluation batch went through the task's degradation
@@ -62,11 +65,11 @@ def test_task_training_and_evaluation_end_to_end(tmp_path, monkeypatch, task):
     cfg_saved, model, _ = load_run(tmp_path / task)
     assert cfg_saved.task == task
     # evaluate's PSNR is the output for the degraded input against the original
-    test_set = train_mod._dataset(cfg, "test")
+    test_set = run_dataset(cfg, "test")
     x = torch.stack([test_set[i] for i in range(8)])
     with torch.no_grad():
-        y = _to_image(model(_to_model(degrade(x, task)))[0])
-    from lasers_ext import metrics
+        y = to_image(model(to_model(degrade(x, task)))[0])
+    from lasers_ext.training import metrics
 
     assert result["psnr"] == pytest.approx(metrics.psnr(x, y).clamp(max=100).mean().item(), rel=1e-9)
     for name in ("reconstructions", "latent_top_component"):
@@ -77,10 +80,10 @@ def test_task_training_and_evaluation_end_to_end(tmp_path, monkeypatch, task):
 def test_latent_error_is_the_mean_squared_quantisation_error(tmp_path):
     train(TrainConfig(**TINY, out=str(tmp_path / "run")))
     cfg, model, _ = load_run(tmp_path / "run")
-    test_set = train_mod._dataset(cfg, "test")
+    test_set = run_dataset(cfg, "test")
     x = torch.stack([test_set[i] for i in range(8)])
     with torch.no_grad():
-        z = model.encoder(_to_model(x))
+        z = model.encoder(to_model(x))
         z_q = model.bottleneck(z)[0]
     expected = ((z - z_q) ** 2).mean().item()
     assert evaluate(model, test_set, max_images=8)["latent_error"] == pytest.approx(expected, rel=1e-5)
@@ -100,9 +103,9 @@ def test_latent_top_component_by_hand(gen):
 
 
 def test_compare_on_a_task_shows_the_inputs(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "_run_pictures", lambda *a, **k: None)
+    monkeypatch.setattr(loop_mod, "run_pictures", lambda *a, **k: None)
     saved = {}
-    monkeypatch.setattr(train_mod.plots, "save_reconstruction_grid",
+    monkeypatch.setattr(plots, "save_reconstruction_grid",
                         lambda x, recs, path, **k: saved.update(recs=recs))
     compare(TrainConfig(**TINY, task="inpainting", out=str(tmp_path / "cmp")))
     assert list(saved["recs"]) == ["input", "vq-vae", "dl-vae"]

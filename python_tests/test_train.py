@@ -1,8 +1,10 @@
-"""lasers_ext.train / cli / distributed: the training tool end to end on tiny CPU budgets.
+"""lasers_ext.training (loop, runs, evaluate, compare, cli, distributed):
+the training tool end to end on tiny CPU budgets.
 
 Oracles: an uninterrupted run (a crashed and resumed run must end bit for bit equal to it: model, optimiser, EMA
 buffers, discriminator and its optimiser, RNG state, logged metrics); skimage.metrics (PSNR, Gaussian SSIM) and numpy
-(code usage, perplexity = exp(entropy)) recomputed on the same reconstructions; lasers_ext.metrics.psnr on the same
+(code usage, perplexity = exp(entropy)) recomputed on the same reconstructions;
+lasers_ext.training.metrics.psnr on the same
 centre crop for ``reconstruct``; index arithmetic for ResumableSampler (rank r of W takes positions r, r + W, ... of
 one permutation); the files every command promises, read back with json, torch.load and PIL.
 """
@@ -21,12 +23,16 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from lasers_ext import metrics, sparse_decode
-from lasers_ext import train as train_mod
-from lasers_ext.cli import main
-from lasers_ext.data import build_dataset
-from lasers_ext.distributed import ResumableSampler
-from lasers_ext.train import CHECKPOINT, TrainConfig, compare, evaluate, load_run, save_checkpoint, train
+from lasers_ext import sparse_decode
+from lasers_ext.training import TrainConfig, compare, evaluate, load_run, metrics, train
+from lasers_ext.training import compare as compare_mod
+from lasers_ext.training import loop as loop_mod
+from lasers_ext.training import runs as runs_mod
+from lasers_ext.training.cli import main
+from lasers_ext.training.config import build_model
+from lasers_ext.training.data import build_dataset
+from lasers_ext.training.distributed import ResumableSampler
+from lasers_ext.training.runs import CHECKPOINT, save_checkpoint
 
 # Tiny model, tiny crops, a few steps: every run here takes seconds on 2 CPU cores.
 TINY = dict(hidden=16, res_hidden=8, n_e=32, e_dim=4, sparsity=2, image_size=16, train_length=64, batch_size=8,
@@ -102,7 +108,8 @@ def _cli_process(tmp_path_factory):
     """Starts one tiny DL-VAE training by the real command line in a subprocess as soon as the module's first test
     runs (it overlaps the in-process tests before the ones that need it): (run directory, Popen)."""
     run = tmp_path_factory.mktemp("cli") / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "lasers_ext.cli", "train", *_flags(**TINY), "--out", str(run)],
+    proc = subprocess.Popen([sys.executable, "-m", "lasers_ext.training.cli", "train", *_flags(**TINY),
+                             "--out", str(run)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     yield run, proc
     if proc.poll() is None:
@@ -121,7 +128,7 @@ def cli_run(_cli_process):
 @pytest.fixture
 def no_pictures(monkeypatch):
     """Skip the per-run pictures (matplotlib, seconds each) in tests that check something else."""
-    monkeypatch.setattr(train_mod, "_run_pictures", lambda *args, **kwargs: None)
+    monkeypatch.setattr(loop_mod, "run_pictures", lambda *args, **kwargs: None)
 
 
 class _Crash(RuntimeError):
@@ -365,7 +372,7 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
             out.write(b"PK\x03\x04 the first bytes of a zip archive, then the disk is full")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train_mod.torch, "save", dies_midway)
+    monkeypatch.setattr(runs_mod.torch, "save", dies_midway)
     with pytest.raises(OSError, match="No space"):
         save_checkpoint(path, {"step": 5, "w": torch.arange(7.0)})
     monkeypatch.undo()
@@ -382,7 +389,7 @@ def test_failed_checkpoint_write_removes_its_temporary_file(tmp_path, monkeypatc
             out.write(b"PK\x03\x04 partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train_mod.torch, "save", dies_midway)
+    monkeypatch.setattr(runs_mod.torch, "save", dies_midway)
     with pytest.raises(OSError):
         save_checkpoint(path, {"step": 5})
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]
@@ -648,7 +655,7 @@ def test_training_tool_loss_weighting_is_equation_13_by_default(gen, legacy):
     2 beta (z - z_hat) / n and the dictionary's that of the unweighted first term; --legacy-weighting swaps them."""
     cfg = TrainConfig(**{**TINY, "beta": 0.3}, legacy_weighting=legacy)
     assert TrainConfig().legacy_weighting is False
-    bottleneck = train_mod.build_model(cfg, 3).bottleneck
+    bottleneck = build_model(cfg, 3).bottleneck
     assert bottleneck.legacy is legacy
     z = torch.randn(2, 4, 3, 3, generator=gen, dtype=torch.float64).float().requires_grad_()
     _, loss, info = bottleneck(z)
@@ -664,12 +671,12 @@ def test_training_tool_loss_weighting_is_equation_13_by_default(gen, legacy):
 
 def test_checkpoints_without_the_weighting_field_trained_with_tamings():
     saved = {"config": {k: v for k, v in TrainConfig().to_dict().items() if k != "legacy_weighting"}}
-    assert train_mod._saved_config(saved).legacy_weighting is True
-    assert train_mod._saved_config({"config": TrainConfig().to_dict()}).legacy_weighting is False
+    assert runs_mod.saved_config(saved).legacy_weighting is True
+    assert runs_mod.saved_config({"config": TrainConfig().to_dict()}).legacy_weighting is False
 
 
 def test_compare_all_four_models(tmp_path, no_pictures, monkeypatch):
-    monkeypatch.setattr(train_mod, "_compare_pictures", lambda *a, **k: None)
+    monkeypatch.setattr(compare_mod, "_compare_pictures", lambda *a, **k: None)
     cfg = TrainConfig(**{**TINY, "steps": 1, "log_every": 1, "eval_images": 4, "disc_start": 0, "ndf": 8,
                          "disc_layers": 2}, out=str(tmp_path / "all"))
     results = compare(cfg, models=["vq-vae", "dl-vae", "vq-gan", "dl-gan"])

@@ -23,27 +23,21 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..models import Autoencoder
+from ..tokens import TokenGrammar
 from . import metrics, plots
-from .models import Autoencoder
-from .tokens import TokenGrammar
-from .train import (
-    TrainConfig,
-    _append_record,
-    _check_choices,
-    _config_from_dict,
-    _dataset,
-    _opt,
-    _rng_state,
-    _set_rng_state,
-    _to_image,
-    _to_model,
-    _truncate_records,
-    _write_json,
-    compare,
+from .compare import compare
+from .config import TrainConfig, check_choices, config_from_dict, option, resolve_device, run_dataset
+from .evaluate import to_image, to_model
+from .runs import (
+    append_record,
     load_run,
     read_checkpoint,
-    resolve_device,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
+    truncate_records,
+    write_json,
 )
 
 __all__ = ["PriorConfig", "TokenPrior", "train_prior", "load_prior", "sample_tokens", "sample_images",
@@ -57,24 +51,24 @@ _PRIOR_ARCHITECTURE = ("width", "layers", "heads")
 class PriorConfig:
     """Options of a prior's training. Every field is also a flag of ``lasers prior train``."""
 
-    steps: int = _opt(2000, "optimiser steps of the prior")
-    batch_size: int = _opt(32, "token sequences (images) per step")
-    lr: float = _opt(3e-4, "AdamW learning rate")
-    width: int = _opt(128, "transformer width (embedding size)")
-    layers: int = _opt(4, "transformer layers")
-    heads: int = _opt(4, "attention heads (must divide the width)")
-    dropout: float = _opt(0.0, "dropout inside the transformer")
-    train_images: int = _opt(0, "training images encoded to token sequences (0: the whole training split)")
-    eval_images: int = _opt(1000, "test images for the negative log-likelihood (0: the whole test split)")
-    samples: int = _opt(64, "samples drawn at the end (picture and FID)")
-    fid_images: int = _opt(0, "samples and test images for FID at the end (0: no FID; ~0.4 s per image on 2 CPU "
+    steps: int = option(2000, "optimiser steps of the prior")
+    batch_size: int = option(32, "token sequences (images) per step")
+    lr: float = option(3e-4, "AdamW learning rate")
+    width: int = option(128, "transformer width (embedding size)")
+    layers: int = option(4, "transformer layers")
+    heads: int = option(4, "attention heads (must divide the width)")
+    dropout: float = option(0.0, "dropout inside the transformer")
+    train_images: int = option(0, "training images encoded to token sequences (0: the whole training split)")
+    eval_images: int = option(1000, "test images for the negative log-likelihood (0: the whole test split)")
+    samples: int = option(64, "samples drawn at the end (picture and FID)")
+    fid_images: int = option(0, "samples and test images for FID at the end (0: no FID; ~0.4 s per image on 2 CPU "
                            "cores)")
-    temperature: float = _opt(1.0, "sampling temperature")
-    seed: int = _opt(0, "seed of the weights, the batch order and the samples")
-    device: str = _opt("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
-    log_every: int = _opt(50, "steps between training records")
-    checkpoint_every: int = _opt(250, "steps between checkpoints")
-    progress: bool = _opt(True, "show progress bars")
+    temperature: float = option(1.0, "sampling temperature")
+    seed: int = option(0, "seed of the weights, the batch order and the samples")
+    device: str = option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    log_every: int = option(50, "steps between training records")
+    checkpoint_every: int = option(250, "steps between checkpoints")
+    progress: bool = option(True, "show progress bars")
 
     def validate(self) -> PriorConfig:
         for name in ("steps", "batch_size", "width", "layers", "heads", "samples", "log_every", "checkpoint_every"):
@@ -89,13 +83,13 @@ class PriorConfig:
             raise ValueError("lr and temperature must be > 0 and dropout in [0, 1)")
         if self.fid_images == 1:
             raise ValueError("fid_images must be 0 (off) or >= 2")
-        _check_choices(self)
+        check_choices(self)
         return self
 
     @classmethod
     def from_dict(cls, values: dict) -> PriorConfig:
-        """A configuration from a dict (a checkpoint); see train._config_from_dict."""
-        return _config_from_dict(cls, values)
+        """A configuration from a dict (a checkpoint); see train.config_from_dict."""
+        return config_from_dict(cls, values)
 
 
 class _Block(nn.Module):
@@ -218,7 +212,7 @@ def decode_tokens(model: Autoencoder, tokens: Tensor, latent_shape: tuple[int, i
     call) and the decoder; ``latent_shape`` is (H', W', C) of the latent."""
     h, w, c = latent_shape
     z = model.bottleneck.get_codebook_entry(tokens.reshape(-1), (tokens.shape[0], h, w, c))
-    return _to_image(model.decode(z))
+    return to_image(model.decode(z))
 
 
 @torch.no_grad()
@@ -229,7 +223,7 @@ def _encode(model: Autoencoder, dataset, count: int, device: torch.device, progr
     seqs, shape = [], None
     for start in tqdm(range(0, n, 256), desc=desc, disable=not progress, leave=False):
         x = torch.stack([dataset[i] for i in range(start, min(start + 256, n))]).to(device)
-        z_q, _, info = model.encode(_to_model(x))
+        z_q, _, info = model.encode(to_model(x))
         shape = (z_q.shape[2], z_q.shape[3], z_q.shape[1])
         seqs.append(info[2].reshape(x.shape[0], -1).cpu())  # taming's info[2].view(B, -1)
     return torch.cat(seqs), shape
@@ -248,7 +242,7 @@ def _token_data(run: Path, model: Autoencoder, stage1: TrainConfig, step: int, c
                 return cached
         except Exception:  # a damaged cache is rebuilt
             pass
-    train_set, test_set = _dataset(stage1, "train"), _dataset(stage1, "test")
+    train_set, test_set = run_dataset(stage1, "train"), run_dataset(stage1, "test")
     train_set.set_epoch(0)
     train_tokens, shape = _encode(model, train_set, cfg.train_images, device, cfg.progress, "encode train")
     test_tokens, _ = _encode(model, test_set, cfg.eval_images, device, cfg.progress, "encode test")
@@ -322,16 +316,16 @@ def train_prior(run: str | Path, cfg: PriorConfig) -> dict:
         prior.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         step, elapsed = saved["step"], saved["elapsed_s"]
-        _set_rng_state(saved["rng"])
-        _truncate_records(metrics_path, step)
-    _write_json(out / "config.json", {"prior": dataclasses.asdict(cfg), "stage1_step": stage1_step,
+        set_rng_state(saved["rng"])
+        truncate_records(metrics_path, step)
+    write_json(out / "config.json", {"prior": dataclasses.asdict(cfg), "stage1_step": stage1_step,
                                       "latent_shape": list(data["latent_shape"]), "tokens_per_image": block,
                                       "vocab_size": grammar.vocab_size, "train_sequences": len(train_tokens)})
 
     def checkpoint() -> None:
         save_checkpoint(ckpt_path, {"config": dataclasses.asdict(cfg), "model": prior.state_dict(),
                                     "opt": opt.state_dict(), "step": step, "elapsed_s": elapsed,
-                                    "stage1_step": stage1_step, "rng": _rng_state()})
+                                    "stage1_step": stage1_step, "rng": rng_state()})
 
     n = len(train_tokens)
     bar = tqdm(total=cfg.steps, initial=step, desc="prior", disable=not cfg.progress, file=sys.stderr)
@@ -356,7 +350,7 @@ def train_prior(run: str | Path, cfg: PriorConfig) -> dict:
             nats = torch.stack(window).mean().item()
             window.clear()
             bpd = nats * block / (math.log(2) * data["image_dims"])
-            _append_record(metrics_path, {"kind": "train", "step": step, "nats_per_token": nats,
+            append_record(metrics_path, {"kind": "train", "step": step, "nats_per_token": nats,
                                           "bits_per_dim": bpd, "elapsed_s": elapsed})
             bar.set_postfix(bpd=f"{bpd:.3f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -371,9 +365,9 @@ def train_prior(run: str | Path, cfg: PriorConfig) -> dict:
                   prior_parameters=sum(p.numel() for p in prior.parameters()), train_time_s=elapsed,
                   vocab_size=grammar.vocab_size, fid=None, fid_images=0)
     if cfg.fid_images:
-        result.update(_sample_fid(images[:cfg.fid_images], _dataset(stage1, "test"), device))
-    _write_json(out / "eval.json", result)
-    _append_record(metrics_path, {"kind": "eval", "step": step, **result})
+        result.update(_sample_fid(images[:cfg.fid_images], run_dataset(stage1, "test"), device))
+    write_json(out / "eval.json", result)
+    append_record(metrics_path, {"kind": "eval", "step": step, **result})
     return result
 
 
@@ -446,7 +440,7 @@ def compare_stage2(cfg: TrainConfig, prior_cfg: PriorConfig) -> dict[str, dict]:
     results = {name: train_prior(base / name, prior_cfg) for name in ("vq-vae", "dl-vae")}
     table = format_stage2_table(results)
     (base / "stage2.md").write_text(table + "\n")
-    _write_json(base / "stage2.json", results)
+    write_json(base / "stage2.json", results)
     (base / "pictures").mkdir(exist_ok=True)
     for name in results:
         shutil.copyfile(base / name / PRIOR_DIR / "samples.png", base / "pictures" / f"samples-{name}.png")

@@ -6,7 +6,7 @@ its speed is bimodal from process to process with address-space randomisation (s
 so each timing runs in a fresh process, under ``setarch -R`` where available, the best of several processes is kept,
 and a run whose codes are not full (non-zero count below N * S) is rejected.
 
-``python -m lasers_ext.spams_anchor X.npy D.npy S THREADS REPEATS`` is the worker: it prints one JSON line.
+``python -m lasers_bench.spams_anchor X.npy D.npy S THREADS REPEATS`` is the worker: it prints one JSON line.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def time_spams(x: np.ndarray, unit: np.ndarray, sparsity: int, threads: int, rep
         xf, df = os.path.join(tmp, "x.npy"), os.path.join(tmp, "d.npy")
         np.save(xf, x)
         np.save(df, unit)
-        cmd = [sys.executable, "-m", "lasers_ext.spams_anchor", xf, df, str(sparsity), str(threads), str(repeats)]
+        cmd = [sys.executable, "-m", "lasers_bench.spams_anchor", xf, df, str(sparsity), str(threads), str(repeats)]
         if shutil.which("setarch"):
             cmd = ["setarch", platform.machine(), "-R"] + cmd
         best = {"vectors_per_s": 0.0, "nonzeros": 0, "full": False}

@@ -9,7 +9,7 @@
     lasers prior train runs/dl --steps 2000           # stage 2: a transformer over a run's tokens
     lasers sample runs/dl --n 64                      # samples of that prior, decoded to an image grid
     lasers compare --stage2 --data fashion-mnist      # VQ-VAE + prior against DL-VAE + prior
-    torchrun --nproc_per_node=4 -m lasers_ext.cli train --batch-size 256 ...   # DDP, same flags
+    torchrun --nproc_per_node=4 -m lasers_ext.training.cli train --batch-size 256 ...   # DDP, same flags
 
 Every training option can also come from a JSON file (``--config run.json``, a flat object of option names, or a
 run's saved config.json); flags given on the command line win.
@@ -51,8 +51,12 @@ def missing_train_extra() -> list[str]:
 
 _MISSING = missing_train_extra()
 if not _MISSING:
+    from .compare import compare
+    from .config import TrainConfig
+    from .evaluate import evaluate_run, format_results_table
+    from .loop import train
     from .prior import PriorConfig, compare_stage2, sample_images, train_prior
-    from .train import TrainConfig, compare, evaluate_run, format_results_table, load_run, train
+    from .runs import load_run
 
 COMPARE_DEFAULTS = {"out": "runs/compare"}  # the two runs go to OUT/vq-vae and OUT/dl-vae (or -gan)
 RD_DEFAULTS = {"out": "runs/rate-distortion", "steps": 600}  # one run per grid cell under OUT
@@ -215,16 +219,17 @@ def _load_images(paths: list[Path], channels: int, multiple: tuple[int, int]) ->
 
 def _reconstruct(args: argparse.Namespace) -> int:
     from . import metrics, plots
-    from .train import _dataset, _to_image, _to_model
+    from .config import run_dataset
+    from .evaluate import to_image, to_model
 
     cfg, model, step = load_run(args.run)
     if args.images:
         x = _load_images(args.images, model.in_channels, model.multiple)
     else:
-        test_set = _dataset(cfg, "test")
+        test_set = run_dataset(cfg, "test")
         x = torch.stack([test_set[i] for i in range(min(args.count, len(test_set)))])
     with torch.no_grad():
-        y = _to_image(model(_to_model(x))[0])
+        y = to_image(model(to_model(x))[0])
     out = args.out or args.run / "pictures" / "reconstruct.png"
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory: give the PNG file to write")

@@ -1,6 +1,7 @@
 """torch.distributed plumbing for the training tool: one process per GPU (or CPU worker) under ``torchrun``.
 
-``torchrun --nproc_per_node=N -m lasers_ext.cli train ...`` (or the ``lasers`` script) sets RANK, WORLD_SIZE and
+``torchrun --nproc_per_node=N -m lasers_ext.training.cli train ...`` (or the ``lasers`` script)
+sets RANK, WORLD_SIZE and
 LOCAL_RANK; :func:`setup` then joins the process group (NCCL for CUDA, gloo for CPU). Without those variables
 everything runs in one process and the helpers here are no-ops.
 """

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import plots
-from .train import TrainConfig, train
+from .config import TrainConfig
+from .loop import train
 
 __all__ = ["run_grid", "rate_distortion", "rate_matched", "ablation", "RD_DEFAULTS", "ABLATION_DEFAULTS"]
 
