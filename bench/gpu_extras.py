@@ -67,7 +67,7 @@ def fid_check(args) -> dict:
 
     from lasers_ext.training import load_run, metrics
     from lasers_ext.training.config import run_dataset
-    from lasers_ext.training.evaluate import to_image, to_model
+    from lasers_ext.training.evaluation import to_image, to_model
 
     cfg, model, step = load_run(args.run)
     test = run_dataset(cfg, "test")

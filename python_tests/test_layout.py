@@ -16,8 +16,8 @@ from lasers_ext import _moved
 
 LIBRARY = Path(lasers_ext.__file__).parent
 # the order of lasers_ext/training/__init__.py's docstring: each module may import only modules before it
-TRAINING_ORDER = ["tasks", "data", "metrics", "plots", "distributed", "config", "runs", "evaluate", "loop", "compare",
-                  "sweep", "prior", "cli"]
+TRAINING_ORDER = ["tasks", "data", "metrics", "plots", "distributed", "config", "runs", "evaluation", "loop",
+                  "comparison", "sweep", "prior", "cli"]
 
 
 def _imports(path: Path) -> set[str]:
@@ -53,6 +53,15 @@ def test_training_modules_import_downward_only():
                     if n.startswith("lasers_ext.training.") and n.split(".")[2] in modules}
         later = imported & set(TRAINING_ORDER[i:])
         assert not later, f"training/{name}.py imports {sorted(later)}, which come at or after it"
+
+
+def test_public_names_of_the_application_are_not_shadowed_by_its_modules():
+    import lasers_ext.training as app
+
+    for name in TRAINING_ORDER:
+        importlib.import_module(f"lasers_ext.training.{name}")  # importing a submodule sets an attribute of app
+    for name in app.__all__:
+        assert not isinstance(getattr(app, name), type(app)), f"lasers_ext.training.{name} is a module"
 
 
 def test_old_module_paths_are_the_new_modules_with_a_warning():

@@ -15,7 +15,7 @@ from PIL import Image
 
 from lasers_ext.tokens import TokenCodec, TokenGrammar
 from lasers_ext.training import TrainConfig, load_run, train
-from lasers_ext.training import compare as compare_mod
+from lasers_ext.training import comparison as compare_mod
 from lasers_ext.training import loop as loop_mod
 from lasers_ext.training import prior as prior_mod
 from lasers_ext.training.cli import main

@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from lasers_ext.training import TrainConfig, compare, evaluate, load_run, plots, train
-from lasers_ext.training import evaluate as evaluate_mod
+from lasers_ext.training import evaluation as evaluate_mod
 from lasers_ext.training import loop as loop_mod
 from lasers_ext.training.cli import main
 from lasers_ext.training.config import run_dataset
-from lasers_ext.training.evaluate import to_image, to_model
+from lasers_ext.training.evaluation import to_image, to_model
 from lasers_ext.training.tasks import degrade, inpainting_box
 
 TINY = dict(hidden=16, res_hidden=8, n_e=32, e_dim=4, sparsity=2, image_size=16, train_length=16, batch_size=8,

@@ -25,7 +25,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from lasers_ext import sparse_decode
 from lasers_ext.training import TrainConfig, compare, evaluate, load_run, metrics, train
-from lasers_ext.training import compare as compare_mod
+from lasers_ext.training import comparison as compare_mod
 from lasers_ext.training import loop as loop_mod
 from lasers_ext.training import runs as runs_mod
 from lasers_ext.training.cli import main

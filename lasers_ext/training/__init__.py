@@ -4,9 +4,9 @@ Modules, by concept (each imports only those above it in this list, and the libr
     tasks, data, metrics, plots, distributed   the pieces: downstream tasks, data sets, metrics, pictures, torchrun
     config     MODELS, TrainConfig (every field a ``lasers train`` flag), the model and data of a configuration
     runs       a run directory: atomic writes, metrics records, checkpoints (TrainState), load_run
-    evaluate   the paper's metrics on a test split, the run's pictures, the results table
+    evaluation the paper's metrics on a test split, the run's pictures, the results table
     loop       ``train(cfg)``: training, resume, DDP
-    compare    models side by side with identical budgets
+    comparison models side by side with identical budgets
     sweep      rate-distortion and ablation grids
     prior      stage 2: a transformer prior over a run's tokens, sampling, NLL, FID
     cli        the ``lasers`` command
@@ -18,8 +18,8 @@ import importlib
 
 # The public names, imported on first use: importing the package alone (as `lasers` does to name a missing extra)
 # needs nothing beyond torch.
-_PUBLIC = {"MODELS": "config", "TrainConfig": "config", "TrainState": "runs", "compare": "compare",
-           "evaluate": "evaluate", "evaluate_run": "evaluate", "format_results_table": "evaluate",
+_PUBLIC = {"MODELS": "config", "TrainConfig": "config", "TrainState": "runs", "compare": "comparison",
+           "evaluate": "evaluation", "evaluate_run": "evaluation", "format_results_table": "evaluation",
            "load_run": "runs", "train": "loop"}
 __all__ = sorted(_PUBLIC)
 

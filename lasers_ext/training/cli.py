@@ -51,9 +51,9 @@ def missing_train_extra() -> list[str]:
 
 _MISSING = missing_train_extra()
 if not _MISSING:
-    from .compare import compare
+    from .comparison import compare
     from .config import TrainConfig
-    from .evaluate import evaluate_run, format_results_table
+    from .evaluation import evaluate_run, format_results_table
     from .loop import train
     from .prior import PriorConfig, compare_stage2, sample_images, train_prior
     from .runs import load_run
@@ -220,7 +220,7 @@ def _load_images(paths: list[Path], channels: int, multiple: tuple[int, int]) ->
 def _reconstruct(args: argparse.Namespace) -> int:
     from . import metrics, plots
     from .config import run_dataset
-    from .evaluate import to_image, to_model
+    from .evaluation import to_image, to_model
 
     cfg, model, step = load_run(args.run)
     if args.images:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..models import ReconstructionLoss
 from . import distributed, metrics
 from .config import TrainConfig, run_dataset
-from .evaluate import evaluate, perceptual_loss, public, run_pictures, save_evaluation, to_image, to_model
+from .evaluation import evaluate, perceptual_loss, public, run_pictures, save_evaluation, to_image, to_model
 from .runs import CHECKPOINT, TrainState, append_record, seed_everything, truncate_records, write_json
 from .tasks import degrade
 

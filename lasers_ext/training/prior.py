@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 from ..models import Autoencoder
 from ..tokens import TokenGrammar
 from . import metrics, plots
-from .compare import compare
+from .comparison import compare
 from .config import TrainConfig, check_choices, config_from_dict, option, resolve_device, run_dataset
-from .evaluate import to_image, to_model
+from .evaluation import to_image, to_model
 from .runs import (
     append_record,
     load_run,

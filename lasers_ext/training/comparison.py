@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import metrics, plots
 from .config import MODELS, TrainConfig, run_dataset
-from .evaluate import format_results_table, outputs, picture_batch
+from .evaluation import format_results_table, outputs, picture_batch
 from .loop import train
 from .runs import load_run, read_records, write_json
 from .tasks import degrade
