@@ -95,7 +95,7 @@ def test_changed_lr_on_resume_is_honoured_and_recorded(tmp_path):
     assert [g["lr"] for g in saved["opt"]["param_groups"]] == [1e-3]
     notes = json.loads((run / "config.json").read_text())
     assert notes["config"]["lr"] == 1e-3
-    assert {"step": 4, "changed": {"lr": [1e-4, 1e-3]}} in notes["notes"]["resumes"]
+    assert notes["notes"]["resumes"] == [{"step": 4, "changed": {"steps": [4, 6], "lr": [1e-4, 1e-3]}}]
 
 
 def test_changed_prior_lr_on_resume_is_honoured(tmp_path):
@@ -159,10 +159,11 @@ def test_sampling_temperatures(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ output paths
-@pytest.mark.parametrize("command", [["rate-distortion", "--sparsities", "1", "--bins", "4", "--codebooks", "8"],
-                                     ["sweep", "--sizes", "8", "--sparsities", "1", "--size-sparsity", "1",
-                                      "--sparsity-size", "8"],
-                                     ["compare"], ["compare", "--stage2"]])
+GRIDS = {"rate-distortion": ["rate-distortion", "--sparsities", "1", "--bins", "4", "--codebooks", "8"],
+         "sweep": ["sweep", "--sizes", "8", "--sparsities", "1", "--size-sparsity", "1", "--sparsity-size", "8"]}
+
+
+@pytest.mark.parametrize("command", [GRIDS["rate-distortion"], GRIDS["sweep"], ["compare"], ["compare", "--stage2"]])
 def test_out_naming_a_file_is_a_clear_error(tmp_path, capsys, command):
     target = tmp_path / "a-file"
     target.write_text("keep me")
@@ -174,7 +175,7 @@ def test_out_naming_a_file_is_a_clear_error(tmp_path, capsys, command):
 def test_unwritable_out_is_a_clear_error_before_training(tmp_path, capsys, monkeypatch, command):
     started = []
     monkeypatch.setattr(loop_mod, "_train", lambda *a, **k: started.append(1))
-    _fails(capsys, [command, "--out", _unwritable(tmp_path) + "/run", *FLAGS], "cannot write")
+    _fails(capsys, [*GRIDS.get(command, [command]), "--out", _unwritable(tmp_path) + "/run", *FLAGS], "cannot write")
     assert not started
 
 
@@ -220,8 +221,8 @@ def test_sample_on_cuda_without_a_gpu_says_so(tmp_path, capsys):
 def test_eval_with_negative_images_leaves_eval_json_alone(tmp_path, capsys):
     run = _dl_run(tmp_path / "run")
     before = (run / "eval.json").read_bytes()
-    _fails(capsys, ["eval", run, "--eval-images", "-1"], "eval-images")
-    _fails(capsys, ["eval", run, "--fid-images", "-3"], "fid-images")
+    _fails(capsys, ["eval", run, "--eval-images", "-1"], "eval_images")
+    _fails(capsys, ["eval", run, "--fid-images", "-3"], "fid_images")
     assert (run / "eval.json").read_bytes() == before
 
 

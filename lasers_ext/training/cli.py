@@ -56,7 +56,7 @@ if not _MISSING:
     from .evaluation import evaluate_run, format_results_table
     from .loop import train
     from .prior import PriorConfig, compare_stage2, sample_images, train_prior
-    from .runs import load_run
+    from .runs import load_run, writable_file
 
 COMPARE_DEFAULTS = {"out": "runs/compare"}  # the two runs go to OUT/vq-vae and OUT/dl-vae (or -gan)
 RD_DEFAULTS = {"out": "runs/rate-distortion", "steps": 600}  # one run per grid cell under OUT
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--out", type=Path, default=None, help="output PNG (default: RUN/prior/samples-<seed>.png)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
 
     p = sub.add_parser("rate-distortion", help="train a grid of short DL-VAE (sparsity x coefficient bins) and VQ-VAE "
                        "(codebook size) runs and plot PSNR against bits per latent site")
@@ -217,23 +217,30 @@ def _load_images(paths: list[Path], channels: int, multiple: tuple[int, int]) ->
     return torch.stack(out)
 
 
+def _image_file(path: Path) -> Path:
+    """``path`` checked as an image file to write (an extension Pillow knows, a writable folder) before any work."""
+    from PIL import Image
+
+    return writable_file(path, set(Image.registered_extensions()))
+
+
 def _reconstruct(args: argparse.Namespace) -> int:
     from . import metrics, plots
     from .config import run_dataset
-    from .evaluation import to_image, to_model
+    from .evaluation import outputs
 
+    if args.count < 1:
+        raise ValueError(f"--count must be >= 1, got {args.count}")
+    out = _image_file(args.out or args.run / "pictures" / "reconstruct.png")
     cfg, model, step = load_run(args.run)
     if args.images:
         x = _load_images(args.images, model.in_channels, model.multiple)
     else:
         test_set = run_dataset(cfg, "test")
         x = torch.stack([test_set[i] for i in range(min(args.count, len(test_set)))])
-    with torch.no_grad():
-        y = to_image(model(to_model(x))[0])
-    out = args.out or args.run / "pictures" / "reconstruct.png"
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a directory: give the PNG file to write")
-    plots.save_reconstruction_grid(x, {cfg.model: y}, out, max_images=len(x))
+    inputs, y, _, _ = outputs(model, x, cfg.task)  # a downstream-task model sees the degraded image
+    rows = {cfg.model: y} if cfg.task == "reconstruction" else {"input": inputs, cfg.model: y}
+    plots.save_reconstruction_grid(x, rows, out, max_images=len(x))
     for i, value in enumerate(metrics.psnr(x, y).tolist()):
         name = args.images[i] if args.images else f"test image {i}"
         print(f"{name}: PSNR {value:.2f} dB")
@@ -267,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sample":
             from . import plots
 
+            out = _image_file(args.out or args.run / "prior" / f"samples-{args.seed}.png")
             images = sample_images(args.run, args.n, temperature=args.temperature, seed=args.seed, device=args.device)
-            out = args.out or args.run / "prior" / f"samples-{args.seed}.png"
             plots.save_image_grid(images, out)
             print(f"wrote {out} ({args.n} samples)")
         elif args.command == "rate-distortion":

@@ -10,7 +10,7 @@ from . import metrics, plots
 from .config import MODELS, TrainConfig, run_dataset
 from .evaluation import format_results_table, outputs, picture_batch
 from .loop import train
-from .runs import load_run, read_records, write_json
+from .runs import load_run, read_records, writable_dir, write_json, write_text
 from .tasks import degrade
 
 __all__ = ["compare"]
@@ -26,7 +26,7 @@ def compare(cfg: TrainConfig, *, gan: bool = False, models: list[str] | None = N
         raise ValueError("give either --gan or --models, not both")
     if not names or len(set(names)) != len(names) or not set(names) <= set(MODELS):
         raise ValueError(f"models must be distinct names from {', '.join(MODELS)}, got {names}")
-    base = Path(cfg.out)
+    base = writable_dir(cfg.out)
     configs = {name: dataclasses.replace(cfg, model=name, out=str(base / name)).validate() for name in names}
     results: dict[str, dict] = {}
     for name, run_cfg in configs.items():
@@ -34,7 +34,7 @@ def compare(cfg: TrainConfig, *, gan: bool = False, models: list[str] | None = N
     if int(os.environ.get("RANK", "0")) != 0:
         return results
     table = format_results_table(results)
-    (base / "compare.md").write_text(table + "\n")
+    write_text(base / "compare.md", table + "\n")
     write_json(base / "compare.json", results)
     _compare_pictures(base, list(results), cfg)
     print(table)

@@ -4,6 +4,7 @@ model and data a configuration describes."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 
 import torch
@@ -12,13 +13,18 @@ from ..models import Autoencoder, build_autoencoder
 from .data import build_dataset
 from .tasks import TASKS
 
-__all__ = ["MODELS", "ARCHITECTURE", "TrainConfig", "option", "check_choices", "config_from_dict", "resolve_device",
-           "build_model", "run_dataset"]
+__all__ = ["MODELS", "ARCHITECTURE", "RESUMABLE", "TrainConfig", "option", "check_choices", "config_from_dict",
+           "resolve_device", "build_model", "run_dataset"]
 
 MODELS = ("dl-vae", "dl-gan", "vq-vae", "vq-gan")
 # Fields that fix the saved tensors or the objective: a checkpoint resumes only under the same values.
 ARCHITECTURE = ("model", "hidden", "res_hidden", "n_res_blocks", "n_e", "e_dim", "sparsity",
                  "patch_size", "ndf", "disc_layers", "coeff_bins", "coeff_quant", "legacy_weighting")
+# Fields a resumed run may change (honoured from the resumed step on, recorded in config.json): the budget, the
+# learning rates, where the data lies, and bookkeeping. Every other field fixes what is trained.
+RESUMABLE = ("out", "steps", "lr", "disc_lr", "data_root", "workers", "device", "amp", "backend", "log_every",
+             "eval_every", "eval_images", "fid_images", "checkpoint_every", "progress")
+MIN_IMAGE_SIZE = 11  # SSIM's 11 x 11 window
 
 
 
@@ -151,8 +157,16 @@ class TrainConfig:
         for name in ("eval_every", "eval_images", "fid_images", "workers", "n_res_blocks", "disc_start", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not (self.lr > 0 and (self.disc_lr is None or self.disc_lr > 0)):
-            raise ValueError("learning rates must be > 0")
+        for name in ("lr", "disc_lr"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        for name in ("beta", "ema_decay", "disc_weight"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.image_size is not None and self.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE} (the SSIM window of the evaluation), got "
+                             f"{self.image_size}")
         if not 0 <= self.eta <= 1:
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         if self.kind == "dl" and self.sparsity > min(self.n_e, self.e_dim * self.patch_size ** 2):

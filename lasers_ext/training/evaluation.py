@@ -3,6 +3,7 @@ table."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from ..models import Autoencoder
 from ..quantizer import QuantizerInfo
 from . import metrics, plots
 from .config import TrainConfig, resolve_device, run_dataset
-from .runs import load_run, read_records, write_json
+from .runs import load_run, read_records, writable_dir, write_json, write_text
 from .tasks import degrade
 
 __all__ = ["evaluate", "evaluate_run", "format_results_table", "to_model", "to_image", "outputs", "perceptual_loss",
@@ -142,11 +143,13 @@ def evaluate_run(run: str | Path, *, device: str = "auto", max_images: int | Non
     """Evaluates the checkpoint of ``run`` on its test split; writes eval.json and eval.md there and returns them."""
     dev = resolve_device(device)
     cfg, model, step = load_run(run, dev)
+    counts = {k: v for k, v in (("eval_images", max_images), ("fid_images", fid_images)) if v is not None}
+    cfg = dataclasses.replace(cfg, **counts).validate()  # ValueError for counts < 0 before eval.json is touched
+    writable_dir(run)
     test_set = run_dataset(cfg, "test")
     lpips_net, _ = perceptual_loss(cfg, dev)
-    result = evaluate(model, test_set, device=dev, max_images=cfg.eval_images if max_images is None else max_images,
-                      fid_images=cfg.fid_images if fid_images is None else fid_images, lpips=lpips_net,
-                      progress=progress, task=cfg.task)
+    result = evaluate(model, test_set, device=dev, max_images=cfg.eval_images, fid_images=cfg.fid_images,
+                      lpips=lpips_net, progress=progress, task=cfg.task)
     return save_evaluation(Path(run), cfg.model, step, result)
 
 
@@ -154,7 +157,7 @@ def save_evaluation(run: Path, model_name: str, step: int, result: dict) -> dict
     """Writes the evaluation ``result`` of ``run`` at ``step`` as eval.json and eval.md; returns what was written."""
     final = {"model": model_name, "step": step, **public(result)}
     write_json(run / "eval.json", final)
-    (run / "eval.md").write_text(format_results_table({model_name: final}) + "\n")
+    write_text(run / "eval.md", format_results_table({model_name: final}) + "\n")
     return final
 
 

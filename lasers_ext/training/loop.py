@@ -24,7 +24,16 @@ from ..models import ReconstructionLoss
 from . import distributed, metrics
 from .config import TrainConfig, run_dataset
 from .evaluation import evaluate, perceptual_loss, public, run_pictures, save_evaluation, to_image, to_model
-from .runs import CHECKPOINT, TrainState, append_record, seed_everything, truncate_records, write_json
+from .runs import (
+    CHECKPOINT,
+    TrainState,
+    append_record,
+    replace_eval_record,
+    seed_everything,
+    truncate_records,
+    writable_dir,
+    write_json,
+)
 from .tasks import degrade
 
 __all__ = ["train"]
@@ -36,6 +45,7 @@ def train(cfg: TrainConfig, *, callback: Callable[[int, dict], None] | None = No
     floats); an exception raised there stops training like a crash would (the last checkpoint stays).
     """
     cfg.validate()
+    writable_dir(cfg.out)  # before any work: a file, a read-only place or a full disk is a clear error now
     # Rank 0 evaluates alone (FID on a CPU can take long) while the others wait in a collective: allow an hour.
     ctx = distributed.setup(cfg.device, timeout_s=3600.0)
     try:
@@ -50,8 +60,6 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
                          f"number of processes ({ctx.world_size})")
     local_batch = cfg.batch_size // ctx.world_size
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: give a run directory (new or existing)")
     pictures = out / "pictures"
     if ctx.is_main:
         pictures.mkdir(parents=True, exist_ok=True)
@@ -65,14 +73,17 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
     rec_loss_fn = ReconstructionLoss(cfg.eta, perceptual)
     ckpt_path = out / CHECKPOINT
     if ckpt_path.exists():
-        state.resume(ckpt_path, ctx.device)
+        changed = state.resume(ckpt_path, ctx.device)
+        if changed and ctx.is_main:
+            print(f"[{cfg.model}] {out}: resumed at step {state.step} with " +
+                  ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), file=sys.stderr)
     step = state.step
     if ctx.is_main:
         if step:
             truncate_records(out / "metrics.jsonl", step)
         notes = {"reconstruction_loss": loss_note, "world_size": ctx.world_size, "local_batch_size": local_batch,
                  "device": str(ctx.device), "torch": torch.__version__, "resumed_from_step": step,
-                 "channels": train_set.channels, "image_size": list(train_set.image_size)}
+                 "resumes": state.resumes, "channels": train_set.channels, "image_size": list(train_set.image_size)}
         write_json(out / "config.json", {"config": cfg.to_dict(), "notes": notes})
         print(f"[{cfg.model}] {out}: reconstruction loss {loss_note}", file=sys.stderr)
 
@@ -102,11 +113,13 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
             state.save(ckpt_path, ctx.world_size)
         distributed.barrier(ctx)
 
-    def run_eval(fid_images: int = 0, progress: bool = False) -> dict:
-        """Rank 0 only: evaluates on the test split and logs the record."""
+    def run_eval(fid_images: int = 0, progress: bool = False, final: bool = False) -> dict:
+        """Rank 0 only: evaluates on the test split and logs the record (the final one replaces an earlier
+        evaluation of the same step, as when a finished run is run again)."""
         result = evaluate(model, test_set, device=ctx.device, max_images=cfg.eval_images, lpips=perceptual,
                           fid_images=fid_images, progress=progress, task=cfg.task)
-        append_record(metrics_path, {"kind": "eval", "step": step, **public(result)})
+        (replace_eval_record if final else append_record)(metrics_path, {"kind": "eval", "step": step,
+                                                                         **public(result)})
         return result
 
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.model, disable=not (ctx.is_main and cfg.progress),
@@ -146,7 +159,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
 
     final: dict = {}
     if ctx.is_main:
-        result = run_eval(cfg.fid_images, cfg.progress)
+        result = run_eval(cfg.fid_images, cfg.progress, final=True)
         final = save_evaluation(out, cfg.model, step, result)
         run_pictures(model, test_set, out, ctx.device, result["counts"], cfg.task)
     distributed.barrier(ctx)

@@ -32,12 +32,15 @@ from .evaluation import to_image, to_model
 from .runs import (
     append_record,
     load_run,
+    model_fingerprint,
     read_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
     truncate_records,
+    writable_dir,
     write_json,
+    write_text,
 )
 
 __all__ = ["PriorConfig", "TokenPrior", "train_prior", "load_prior", "sample_tokens", "sample_images",
@@ -45,6 +48,10 @@ __all__ = ["PriorConfig", "TokenPrior", "train_prior", "load_prior", "sample_tok
 
 PRIOR_DIR = "prior"
 _PRIOR_ARCHITECTURE = ("width", "layers", "heads")
+# Options a resumed prior may change (honoured from the resumed step on, recorded in config.json); any other change
+# is refused, since the prior would no longer be what its records say.
+_PRIOR_RESUMABLE = ("steps", "lr", "eval_images", "samples", "fid_images", "temperature", "device", "log_every",
+                    "checkpoint_every", "progress")
 
 
 @dataclasses.dataclass
@@ -79,8 +86,11 @@ class PriorConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.width % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
-        if not (self.lr > 0 and self.temperature > 0 and 0 <= self.dropout < 1):
-            raise ValueError("lr and temperature must be > 0 and dropout in [0, 1)")
+        check_temperature(self.temperature)
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.fid_images == 1:
             raise ValueError("fid_images must be 0 (off) or >= 2")
         check_choices(self)
@@ -90,6 +100,12 @@ class PriorConfig:
     def from_dict(cls, values: dict) -> PriorConfig:
         """A configuration from a dict (a checkpoint); see train.config_from_dict."""
         return config_from_dict(cls, values)
+
+
+def check_temperature(temperature: float) -> None:
+    """ValueError unless ``temperature`` is a finite number > 0 (tiny values approach greedy decoding)."""
+    if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
 class _Block(nn.Module):
@@ -189,7 +205,9 @@ def sequence_nll(prior: TokenPrior, grammar: TokenGrammar, tokens: Tensor) -> Te
 @torch.no_grad()
 def sample_tokens(prior: TokenPrior, grammar: TokenGrammar, n: int, *, temperature: float = 1.0,
                   generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
-    """n sequences (n, block_size) drawn token by token, each from the grammar's allowed ids only."""
+    """n sequences (n, block_size) drawn token by token, each from the grammar's allowed ids only, with the logits
+    divided by ``temperature`` (a finite number > 0; as it approaches 0 every draw becomes the most likely id)."""
+    check_temperature(temperature)
     was = prior.training
     prior.eval()
     device = prior.head.weight.device
@@ -197,10 +215,14 @@ def sample_tokens(prior: TokenPrior, grammar: TokenGrammar, n: int, *, temperatu
     caches: list[list[Tensor]] = [[] for _ in prior.blocks]
     previous = prior.start(n)
     for t in tqdm(range(prior.block_size), desc="sample", disable=not progress, leave=False):
-        logits = prior.step(previous, t, caches).float() / temperature
+        logits = prior.step(previous, t, caches).float()
         prev = previous.unsqueeze(1) if t else previous.new_full((n, 1), -1)
         logits = _masked_logits(logits.unsqueeze(1), grammar, prev, torch.tensor([t], device=device))[:, 0]
-        previous = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator).to(device)[:, 0]
+        if not torch.isfinite(logits.amax(-1)).all():
+            raise ValueError("the prior's logits are not finite: its weights are damaged or diverged; retrain it")
+        # shifted so that the largest logit is 0 before the division: a tiny temperature gives 0 and -inf, not NaN
+        scaled = (logits - logits.amax(-1, keepdim=True)) / temperature
+        previous = torch.multinomial(scaled.softmax(-1).cpu(), 1, generator=generator).to(device)[:, 0]
         out[:, t] = previous
     prior.train(was)
     return out
@@ -229,12 +251,12 @@ def _encode(model: Autoencoder, dataset, count: int, device: torch.device, progr
     return torch.cat(seqs), shape
 
 
-def _token_data(run: Path, model: Autoencoder, stage1: TrainConfig, step: int, cfg: PriorConfig,
+def _token_data(run: Path, model: Autoencoder, stage1: TrainConfig, fingerprint: str, cfg: PriorConfig,
                 device: torch.device) -> dict:
     """Train/test token sequences of run's autoencoder (int16 where the ids fit), cached in RUN/prior/tokens.pt for
-    this stage-1 step."""
+    this autoencoder (its content fingerprint) and these image counts."""
     path = run / PRIOR_DIR / "tokens.pt"
-    key = {"stage1_step": step, "train_images": cfg.train_images, "eval_images": cfg.eval_images}
+    key = {"autoencoder": fingerprint, "train_images": cfg.train_images, "eval_images": cfg.eval_images}
     if path.exists():
         try:
             cached = torch.load(path, weights_only=False)
@@ -253,7 +275,8 @@ def _token_data(run: Path, model: Autoencoder, stage1: TrainConfig, step: int, c
     return data
 
 
-def _load_stage1(run: Path, device: torch.device) -> tuple[TrainConfig, Autoencoder, int, TokenGrammar]:
+def _load_stage1(run: Path, device: torch.device) -> tuple[TrainConfig, Autoencoder, int, TokenGrammar, str]:
+    """The run's configuration, autoencoder (eval mode), step, token grammar and content fingerprint."""
     if not Path(run).is_dir():
         raise FileNotFoundError(f"no run directory at {run}: train an autoencoder there first (lasers train --out "
                                 f"{run} --model dl-vae --coeff-bins 16, or --model vq-vae)")
@@ -262,7 +285,15 @@ def _load_stage1(run: Path, device: torch.device) -> tuple[TrainConfig, Autoenco
         grammar = TokenGrammar.of(model.bottleneck)
     except ValueError as err:
         raise ValueError(f"{run}: {err}") from None
-    return stage1, model.eval(), step, grammar
+    return stage1, model.eval(), step, grammar, model_fingerprint(model)
+
+
+def _check_autoencoder(ckpt: Path, saved: dict, fingerprint: str) -> None:
+    """ValueError unless the prior checkpoint ``saved`` was trained on the autoencoder with ``fingerprint``."""
+    if saved.get("autoencoder") != fingerprint:
+        raise ValueError(f"{ckpt} was trained on another autoencoder (fingerprint {saved.get('autoencoder')}, the "
+                         f"checkpoint in {ckpt.parent.parent} now has {fingerprint}); its tokens would mean something "
+                         f"else. Move {ckpt.parent} away to train a prior for this autoencoder")
 
 
 def _build_prior(grammar: TokenGrammar, block_size: int, cfg: PriorConfig) -> TokenPrior:
@@ -292,42 +323,58 @@ def train_prior(run: str | Path, cfg: PriorConfig) -> dict:
     cfg.validate()
     run = Path(run)
     device = resolve_device(cfg.device)
-    stage1, model, stage1_step, grammar = _load_stage1(run, device)
-    out = run / PRIOR_DIR
-    out.mkdir(exist_ok=True)
+    stage1, model, stage1_step, grammar, fingerprint = _load_stage1(run, device)
+    out = writable_dir(run / PRIOR_DIR)
+    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    saved = read_checkpoint(ckpt_path, device) if ckpt_path.exists() else None
+    if saved is not None:
+        _check_autoencoder(ckpt_path, saved, fingerprint)
+        old = PriorConfig.from_dict(saved["config"])
+        changed = {f.name: [getattr(old, f.name), getattr(cfg, f.name)] for f in dataclasses.fields(PriorConfig)
+                   if getattr(old, f.name) != getattr(cfg, f.name)}
+        refused = [f"{k}={a!r} (now {b!r})" for k, (a, b) in changed.items() if k not in _PRIOR_RESUMABLE]
+        if refused:
+            raise ValueError(f"{ckpt_path} was trained with {', '.join(refused)}; resume with the same values, or "
+                             f"move {out} away to train a new prior")
     torch.manual_seed(cfg.seed)
-    data = _token_data(run, model, stage1, stage1_step, cfg, device)
+    data = _token_data(run, model, stage1, fingerprint, cfg, device)
     train_tokens, test_tokens = data["train"], data["test"]
     grammar.check(train_tokens[:256].long())
     block = train_tokens.shape[1]
     prior = _build_prior(grammar, block, cfg).to(device)
     opt = torch.optim.AdamW(prior.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    step, elapsed = 0, 0.0
-    if ckpt_path.exists():
-        saved = read_checkpoint(ckpt_path, device)
-        old = PriorConfig.from_dict(saved["config"])
-        changed = [f for f in _PRIOR_ARCHITECTURE if getattr(old, f) != getattr(cfg, f)]
-        if saved.get("stage1_step") != stage1_step:
-            changed.append(f"autoencoder step ({saved.get('stage1_step')}, now {stage1_step})")
-        if changed:
-            raise ValueError(f"{ckpt_path} was trained with other {', '.join(changed)}; move it away or use the same "
-                             "settings to resume")
+    step, elapsed, resumes = 0, 0.0, []
+    if saved is not None:
         prior.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
-        step, elapsed = saved["step"], saved["elapsed_s"]
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr  # a changed --lr is honoured
+        step, elapsed, resumes = saved["step"], saved["elapsed_s"], saved.get("resumes", [])
+        if changed:
+            resumes = [*resumes, {"step": step, "changed": changed}]
         set_rng_state(saved["rng"])
         truncate_records(metrics_path, step)
     write_json(out / "config.json", {"prior": dataclasses.asdict(cfg), "stage1_step": stage1_step,
-                                      "latent_shape": list(data["latent_shape"]), "tokens_per_image": block,
-                                      "vocab_size": grammar.vocab_size, "train_sequences": len(train_tokens)})
+                                      "autoencoder": fingerprint, "latent_shape": list(data["latent_shape"]),
+                                      "tokens_per_image": block, "vocab_size": grammar.vocab_size,
+                                      "train_sequences": len(train_tokens), "resumes": resumes})
+
+    def diverged(at: int) -> None:
+        bar.close()
+        kept = f"the checkpoint of step {saved_step} is kept" if ckpt_path.exists() else "no checkpoint was written"
+        raise ValueError(f"the prior's loss or weights are not finite at step {at}: training diverged (is lr "
+                         f"{cfg.lr} too high?); {kept}. Resume with a lower --lr, or move {out} away to start again")
 
     def checkpoint() -> None:
+        if not all(torch.isfinite(p).all() for p in prior.parameters()):
+            diverged(step)  # never a checkpoint of diverged weights
         save_checkpoint(ckpt_path, {"config": dataclasses.asdict(cfg), "model": prior.state_dict(),
                                     "opt": opt.state_dict(), "step": step, "elapsed_s": elapsed,
-                                    "stage1_step": stage1_step, "rng": rng_state()})
+                                    "stage1_step": stage1_step, "autoencoder": fingerprint, "resumes": resumes,
+                                    "rng": rng_state()})
 
     n = len(train_tokens)
+    saved_step = step
     bar = tqdm(total=cfg.steps, initial=step, desc="prior", disable=not cfg.progress, file=sys.stderr)
     window: list[Tensor] = []
     prior.train()
@@ -338,6 +385,8 @@ def train_prior(run: str | Path, cfg: PriorConfig) -> dict:
         picks = order[offset:offset + cfg.batch_size]
         batch = train_tokens[picks].to(device).long()
         loss = sequence_nll(prior, grammar, batch).mean() / block  # nats per token
+        if not torch.isfinite(loss):
+            diverged(step + 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
@@ -355,6 +404,7 @@ def train_prior(run: str | Path, cfg: PriorConfig) -> dict:
             bar.set_postfix(bpd=f"{bpd:.3f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             checkpoint()
+            saved_step = step
     bar.close()
     result = _evaluate_nll(prior, grammar, test_tokens, data["image_dims"], device)
     images = _sample_decoded(model, prior, grammar, data["latent_shape"], max(cfg.samples, cfg.fid_images),
@@ -395,11 +445,12 @@ def load_prior(run: str | Path, device: torch.device | str = "cpu"):
     """(autoencoder, prior, grammar, latent shape) of a run whose prior was trained (eval mode)."""
     run = Path(run)
     device = torch.device(device)
-    _, model, stage1_step, grammar = _load_stage1(run, device)
+    _, model, _, grammar, fingerprint = _load_stage1(run, device)
     ckpt = run / PRIOR_DIR / "checkpoint.pt"
     if not ckpt.exists():
         raise FileNotFoundError(f"no prior in {run}: train one first (lasers prior train {run})")
     saved = read_checkpoint(ckpt, device)
+    _check_autoencoder(ckpt, saved, fingerprint)
     info = json.loads((run / PRIOR_DIR / "config.json").read_text())
     cfg = PriorConfig.from_dict(saved["config"])
     prior = _build_prior(grammar, info["tokens_per_image"], cfg).to(device)
@@ -409,10 +460,12 @@ def load_prior(run: str | Path, device: torch.device | str = "cpu"):
 
 def sample_images(run: str | Path, n: int = 64, *, temperature: float = 1.0, seed: int = 0,
                   device: torch.device | str = "cpu", progress: bool = True) -> Tensor:
-    """n images (n, C, H, W) in [0, 1] sampled from the prior of ``run`` and decoded by its autoencoder."""
-    if n < 1 or not temperature > 0:
-        raise ValueError(f"need n >= 1 and temperature > 0, got n={n}, temperature={temperature}")
-    model, prior, grammar, shape = load_prior(run, device)
+    """n images (n, C, H, W) in [0, 1] sampled from the prior of ``run`` and decoded by its autoencoder; ``device``
+    is "auto", "cpu" or "cuda"."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    check_temperature(temperature)
+    model, prior, grammar, shape = load_prior(run, resolve_device(str(device)))
     return _sample_decoded(model, prior, grammar, shape, n, temperature, seed, progress)
 
 
@@ -439,7 +492,7 @@ def compare_stage2(cfg: TrainConfig, prior_cfg: PriorConfig) -> dict[str, dict]:
     base = Path(cfg.out)
     results = {name: train_prior(base / name, prior_cfg) for name in ("vq-vae", "dl-vae")}
     table = format_stage2_table(results)
-    (base / "stage2.md").write_text(table + "\n")
+    write_text(base / "stage2.md", table + "\n")
     write_json(base / "stage2.json", results)
     (base / "pictures").mkdir(exist_ok=True)
     for name in results:

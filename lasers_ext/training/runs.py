@@ -13,9 +13,11 @@ A run lives in one directory (``TrainConfig.out``)::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,11 +25,11 @@ import numpy as np
 import torch
 
 from ..models import Autoencoder, GANLoss, PatchDiscriminator
-from .config import ARCHITECTURE, TrainConfig, build_model
+from .config import ARCHITECTURE, RESUMABLE, TrainConfig, build_model
 
-__all__ = ["CHECKPOINT", "TrainState", "atomic_write", "write_json", "read_records", "truncate_records",
-           "append_record", "read_checkpoint", "save_checkpoint", "seed_everything", "rng_state", "set_rng_state",
-           "load_run"]
+__all__ = ["CHECKPOINT", "TrainState", "atomic_write", "write_json", "write_text", "writable_dir", "writable_file",
+           "read_records", "truncate_records", "append_record", "replace_eval_record", "read_checkpoint",
+           "save_checkpoint", "seed_everything", "rng_state", "set_rng_state", "load_run", "model_fingerprint"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -63,6 +65,43 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Writes the text file ``path`` atomically (see atomic_write)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _probe_write(directory: Path) -> None:
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".lasers-write-test-"):
+        pass
+
+
+def writable_dir(path: str | Path) -> Path:
+    """``path`` as a directory that exists and takes new files (created with its parents if needed), checked before
+    any work that would write there; ValueError naming it otherwise (a file, a read-only place, no space)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file: give a directory (new or existing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        _probe_write(path)
+    except OSError as err:
+        raise ValueError(f"cannot write to {path}: {err.strerror or err}") from None
+    return path
+
+
+def writable_file(path: str | Path, suffixes: set[str] | None = None) -> Path:
+    """``path`` as a file that can be written (its folder is checked with writable_dir); with ``suffixes``, its
+    extension must be one of them (lower case, with the dot). ValueError naming the problem otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: give the file to write")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise ValueError(f"{path} needs a file extension that says the format, one of "
+                         f"{', '.join(sorted(suffixes)[:8])}, ...")
+    writable_dir(path.parent)
+    return path
 
 
 CHECKPOINT_FIELDS = ("config", "model", "opt", "step")
@@ -107,6 +146,7 @@ class TrainState:
     gan: GANLoss | None = None
     opt_d: torch.optim.Optimizer | None = None
     step: int = 0
+    resumes: list[dict] = dataclasses.field(default_factory=list)  # [{"step", "changed": {name: [old, new]}}]
 
     @classmethod
     def build(cls, cfg: TrainConfig, channels: int, device: torch.device) -> TrainState:
@@ -130,26 +170,39 @@ class TrainState:
             "config": self.cfg.to_dict(), "channels": self.channels, "step": self.step,
             "model": self.model.state_dict(), "opt": self.opt.state_dict(),
             "gan": gan_state, "opt_d": self.opt_d.state_dict() if self.opt_d is not None else None,
-            "rng": rng_state(), "world_size": world_size})
+            "rng": rng_state(), "world_size": world_size, "resumes": self.resumes})
 
-    def resume(self, path: Path, device: torch.device) -> None:
-        """Loads the checkpoint at ``path`` into this state (models, optimisers, step, RNG states); ValueError if it
-        was trained with another architecture or number of image channels."""
+    def resume(self, path: Path, device: torch.device) -> dict[str, list]:
+        """Loads the checkpoint at ``path`` into this state (models, optimisers, step, RNG states) and returns the
+        options this configuration changes, {name: [old, new]}. Only the RESUMABLE options may change (a new learning
+        rate is set in the restored optimisers); any other change raises ValueError naming it, as the run would no
+        longer be what its records say."""
         saved = read_checkpoint(path, device)
         old = saved_config(saved)
-        changed = [f for f in ARCHITECTURE if getattr(old, f) != getattr(self.cfg, f)]
+        changed = {f.name: [getattr(old, f.name), getattr(self.cfg, f.name)] for f in dataclasses.fields(TrainConfig)
+                   if getattr(old, f.name) != getattr(self.cfg, f.name)}
+        refused = [f"{name}={a!r} (now {b!r})" for name, (a, b) in changed.items() if name not in RESUMABLE]
         if saved.get("channels", self.channels) != self.channels:
-            changed.append(f"image channels ({saved['channels']}, now {self.channels}: see --gray and --data)")
-        if changed:
-            raise ValueError(f"{path} was trained with other {', '.join(changed)}; use another --out or the same "
-                             "settings to resume")
+            refused.append(f"image channels {saved['channels']} (now {self.channels}: see --gray and --data)")
+        if refused:
+            kind = "architecture" if any(r.split("=")[0] in ARCHITECTURE for r in refused) else "training"
+            raise ValueError(f"{path} was trained with {', '.join(refused)}; this {kind} setting cannot change in a "
+                             f"run. Resume with the run's own settings (--config {path.parent / 'config.json'} "
+                             "repeats them), or give another --out for a new run")
         self.model.load_state_dict(saved["model"])
         self.opt.load_state_dict(saved["opt"])
+        _set_lr(self.opt, self.cfg.lr)
         if self.gan is not None:
             self.gan.load_state_dict(saved["gan"])
             self.opt_d.load_state_dict(saved["opt_d"])
+            _set_lr(self.opt_d, self.cfg.disc_lr or self.cfg.lr)
         self.step = saved["step"]
+        self.resumes = saved.get("resumes", [])
         set_rng_state(saved["rng"])
+        changed.pop("out", None)
+        if changed:
+            self.resumes = [*self.resumes, {"step": self.step, "changed": changed}]
+        return changed
 
     @classmethod
     def load(cls, path: Path, device: torch.device | str, fallback_channels: int | None = None) -> TrainState:
@@ -163,6 +216,22 @@ class TrainState:
         model = build_model(cfg, channels).to(device)
         model.load_state_dict(saved["model"])
         return cls(cfg, channels, model.eval(), step=saved["step"])
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A content hash of ``model``'s state (names, dtypes, shapes and bytes of every tensor): files derived from a
+    model (token caches, priors) are keyed on it, so a retrained model never meets another's files."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        t = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(value.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def write_json(path: Path, obj) -> None:
@@ -184,13 +253,20 @@ def read_records(path: Path) -> list[dict]:
 def truncate_records(path: Path, step: int) -> None:
     """Drops records logged after ``step`` (the steps a crash lost), so a resumed run logs each step once."""
     kept = [r for r in read_records(path) if r["step"] <= step]
-    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+    write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def append_record(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
+
+
+def replace_eval_record(path: Path, record: dict) -> None:
+    """Appends the evaluation ``record`` in place of any earlier evaluation at its step (a finished run evaluated
+    again keeps one record per step)."""
+    kept = [r for r in read_records(path) if not (r["kind"] == "eval" and r["step"] == record["step"])]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in [*kept, record]))
 
 
 # ------------------------------------------------------------------------------------------------ runs and tables

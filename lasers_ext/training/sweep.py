@@ -18,6 +18,7 @@ from pathlib import Path
 from . import plots
 from .config import TrainConfig
 from .loop import train
+from .runs import writable_dir, write_json, write_text
 
 __all__ = ["run_grid", "rate_distortion", "rate_matched", "ablation", "RD_DEFAULTS", "ABLATION_DEFAULTS"]
 
@@ -53,6 +54,7 @@ def run_grid(base: TrainConfig, cells: Sequence[tuple[str, dict]]) -> dict[str, 
         raise ValueError(f"cell names must be unique, got {names}")
     configs = [dataclasses.replace(base, out=str(Path(base.out) / name), **overrides).validate()
                for name, overrides in cells]
+    writable_dir(base.out)
     results: dict[str, dict] = {}
     for i, (name, cfg) in enumerate(zip(names, configs), 1):
         done = _finished(cfg)
@@ -132,8 +134,8 @@ def rate_distortion(base: TrainConfig, *, sparsities: Sequence[int] = RD_DEFAULT
     matched = rate_matched(rows)
     out = Path(base.out)
     table = _table(rows, matched)
-    (out / "rate_distortion.md").write_text(table + "\n")
-    (out / "rate_distortion.json").write_text(json.dumps({"rows": rows, "equal_rate": matched}, indent=2) + "\n")
+    write_text(out / "rate_distortion.md", table + "\n")
+    write_json(out / "rate_distortion.json", {"rows": rows, "equal_rate": matched})
     curves = {f"DL-VAE (K={base.n_e})": [(r["bits_per_site"], r["psnr"], f"S={r['S']} B={r['B']}")
                                          for r in rows if r["bottleneck"] == "DL"],
               "VQ-VAE": [(r["bits_per_site"], r["psnr"], f"K={r['K']}") for r in rows if r["bottleneck"] == "VQ"]}
@@ -180,8 +182,8 @@ def ablation(base: TrainConfig, *, sizes: Sequence[int] = ABLATION_DEFAULTS["siz
                      f"{r['perplexity']:.1f} | {r['active_atoms']} |")
     table = "\n".join(lines)
     out = Path(base.out)
-    (out / "sweep.md").write_text(table + "\n")
-    (out / "sweep.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    write_text(out / "sweep.md", table + "\n")
+    write_json(out / "sweep.json", {"rows": rows})
     by_k = {f"DL-VAE (S={size_sparsity})": [r for r in rows if r["bottleneck"] == "DL" and r["S"] == size_sparsity
                                              and r["K"] in sizes],
             "VQ-VAE": [r for r in rows if r["bottleneck"] == "VQ"]}
