@@ -154,7 +154,9 @@ def test_config_dict_round_trip_and_unknown_keys():
     ("batch_size", 0, "batch_size must be >= 1"),
     ("steps", 0, "steps must be >= 1"),
     ("eval_every", -1, "eval_every must be >= 0"),
-    ("lr", 0.0, "learning rates"),
+    ("lr", 0.0, "lr must be a finite number > 0"),
+    ("lr", float("inf"), "lr must be a finite number > 0"),
+    ("image_size", 8, "image_size must be >= 11"),
     ("sparsity", 5, "sparsity must be <="),
     ("fid_images", 1, "fid_images"),
 ])
