@@ -86,6 +86,21 @@ def test_sample_with_another_autoencoder_in_place_is_a_clear_error(tmp_path, cap
         load_prior(run)
 
 
+def test_sampling_needs_only_the_checkpoints(tmp_path):
+    run = _dl_run(tmp_path / "run")
+    train_prior(run, PriorConfig(**PRIOR))
+    (run / "prior" / "config.json").write_text("{damaged")  # a record, not something sampling reads
+    assert sample_images(run, 2, progress=False).shape == (2, 3, 16, 16)
+
+
+def test_bad_config_files_are_clear_errors(tmp_path, capsys):
+    for text in ("[1, 2]", "{bad", '{"config": [1]}', '{"stepz": 3}'):
+        (tmp_path / "c.json").write_text(text)
+        _fails(capsys, ["train", "--config", tmp_path / "c.json", "--out", tmp_path / "run"], "c")
+    _fails(capsys, ["train", "--config", tmp_path / "missing.json", "--out", tmp_path / "run"], "missing.json")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 # ------------------------------------------------------------------------------------------ resume honesty
 def test_changed_lr_on_resume_is_honoured_and_recorded(tmp_path):
     run = tmp_path / "run"

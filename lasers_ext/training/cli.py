@@ -103,8 +103,15 @@ def _config_from(args: argparse.Namespace, **defaults) -> TrainConfig:
     """TrainConfig from ``defaults`` < the --config file < the flags given."""
     values: dict = dict(defaults)
     if args.config is not None:
-        loaded = json.loads(args.config.read_text())
-        values.update(loaded.get("config", loaded))
+        try:
+            loaded = json.loads(args.config.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--config {args.config} cannot be read as JSON ({err})") from None
+        loaded = loaded.get("config", loaded) if isinstance(loaded, dict) else loaded
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {args.config} must hold a JSON object of option values (or a run's "
+                             "config.json)")
+        values.update(loaded)
     for f in dataclasses.fields(TrainConfig):
         given = getattr(args, f.name, None)
         if given is not None:

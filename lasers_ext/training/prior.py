@@ -12,7 +12,6 @@ distribution over decodable sequences only: its likelihoods are honest and every
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import sys
@@ -290,7 +289,10 @@ def _load_stage1(run: Path, device: torch.device) -> tuple[TrainConfig, Autoenco
 
 def _check_autoencoder(ckpt: Path, saved: dict, fingerprint: str) -> None:
     """ValueError unless the prior checkpoint ``saved`` was trained on the autoencoder with ``fingerprint``."""
-    if saved.get("autoencoder") != fingerprint:
+    if "autoencoder" not in saved:
+        raise ValueError(f"{ckpt} was written by an older version that did not record its autoencoder; move "
+                         f"{ckpt.parent} away and train the prior again")
+    if saved["autoencoder"] != fingerprint:
         raise ValueError(f"{ckpt} was trained on another autoencoder (fingerprint {saved.get('autoencoder')}, the "
                          f"checkpoint in {ckpt.parent.parent} now has {fingerprint}); its tokens would mean something "
                          f"else. Move {ckpt.parent} away to train a prior for this autoencoder")
@@ -371,6 +373,7 @@ def train_prior(run: str | Path, cfg: PriorConfig) -> dict:
         save_checkpoint(ckpt_path, {"config": dataclasses.asdict(cfg), "model": prior.state_dict(),
                                     "opt": opt.state_dict(), "step": step, "elapsed_s": elapsed,
                                     "stage1_step": stage1_step, "autoencoder": fingerprint, "resumes": resumes,
+                                    "latent_shape": data["latent_shape"], "tokens_per_image": block,
                                     "rng": rng_state()})
 
     n = len(train_tokens)
@@ -451,11 +454,10 @@ def load_prior(run: str | Path, device: torch.device | str = "cpu"):
         raise FileNotFoundError(f"no prior in {run}: train one first (lasers prior train {run})")
     saved = read_checkpoint(ckpt, device)
     _check_autoencoder(ckpt, saved, fingerprint)
-    info = json.loads((run / PRIOR_DIR / "config.json").read_text())
     cfg = PriorConfig.from_dict(saved["config"])
-    prior = _build_prior(grammar, info["tokens_per_image"], cfg).to(device)
+    prior = _build_prior(grammar, saved["tokens_per_image"], cfg).to(device)
     prior.load_state_dict(saved["model"])
-    return model, prior.eval(), grammar, tuple(info["latent_shape"])
+    return model, prior.eval(), grammar, tuple(saved["latent_shape"])
 
 
 def sample_images(run: str | Path, n: int = 64, *, temperature: float = 1.0, seed: int = 0,
