@@ -232,9 +232,11 @@ class SparseDictBottleneck(nn.Module):
                                         backend=self.backend)
             bins = None
             if self.coeff_quantizer is not None:
-                if self.training:
+                if self.training:  # fitted by now, or no slot is used yet and no level is looked at
                     self.coeff_quantizer.observe(coeffs, indices >= 0)
-                bins = self.coeff_quantizer.quantize(coeffs)
+                else:
+                    self.coeff_quantizer.check_fitted()
+                bins = self.coeff_quantizer._bins_of(coeffs)
                 coeffs = self._dequantize(indices, bins, compute)
             z_hat = SparseCode.apply(x if self.exact_gradient else x.detach(), atoms, indices, coeffs,
                                      self.exact_gradient)
@@ -252,7 +254,7 @@ class SparseDictBottleneck(nn.Module):
         codes = {"atom_indices": indices, "coeffs": coeffs.to(z.dtype)}
         if bins is not None:
             codes["bins"] = bins
-        tokens = None if bins is None else self.codec.encode(indices, bins)  # (N, 2S): taming's info[2] in stage 2
+        tokens = None if bins is None else self.codec._pack(indices, bins)  # (N, 2S): taming's info[2] in stage 2
         if self.sparsity == 1:  # taming's (N,) layout
             codes = {k: v[:, 0] for k, v in codes.items()}
 
@@ -266,7 +268,7 @@ class SparseDictBottleneck(nn.Module):
 
     def _dequantize(self, indices: Tensor, bins: Tensor, dtype: torch.dtype) -> Tensor:
         """The coefficients that bins stand for, 0 in unused slots: one definition for forward and decoding."""
-        return torch.where(indices >= 0, self.coeff_quantizer.dequantize(bins).to(dtype), 0.0)
+        return torch.where(indices >= 0, self.coeff_quantizer._levels_of(bins).to(dtype), 0.0)
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -323,6 +325,7 @@ class SparseDictBottleneck(nn.Module):
                                      f"{indices.numel()} tokens")
                 indices = indices.reshape(-1, width)
             idx, bins = self.codec.decode(indices)
+            self.coeff_quantizer.check_fitted()
             site_shape = idx.shape[:-1]
             idx = idx.reshape(-1, s)
             cf = self._dequantize(idx, bins.reshape(-1, s), self.embedding.weight.dtype)

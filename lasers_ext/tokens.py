@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -25,9 +26,12 @@ from torch import Tensor, nn
 
 from .quantizer import straight_through
 
-__all__ = ["CoefficientQuantizer", "TokenCodec", "TokenGrammar", "QUANTIZER_MODES"]
+__all__ = ["CoefficientQuantizer", "TokenCodec", "TokenGrammar", "QUANTIZER_MODES", "MAX_BINS"]
 
 QUANTIZER_MODES = ("uniform", "mulaw")
+MAX_BINS = 1 << 24
+_NEVER_FITTED = ("CoefficientQuantizer's range was never fitted: train the model (training mode tracks it), call "
+                 "fit(coeffs) on sample coefficients, or load a state_dict that has it")
 
 
 class CoefficientQuantizer(nn.Module):
@@ -35,19 +39,23 @@ class CoefficientQuantizer(nn.Module):
 
     Modes: ``"uniform"``: B equally spaced levels from ``low`` to ``high`` (both included); ``"mulaw"``: levels equally
     spaced after mu-law companding of the range mapped to [-1, 1], denser near its centre, where most coefficients lie.
-    Values outside the range go to the end levels.
+    Values outside the range go to the end levels. B is at most 2**24 (:data:`MAX_BINS`): float32 levels beyond that
+    are not told apart.
 
     The range lives in buffers (``low``, ``high``, ``fitted``; saved in the state_dict): fitted on data by
     :meth:`fit`, or tracked in training mode by :meth:`observe` as an exponential moving average of each batch's
-    min and max (``decay``; the first batch sets it; all-reduced under torch.distributed). Quantising with a range
-    never fitted raises an error outside torch.compile.
+    min and max (``decay``; the first batch with a valid coefficient sets it; all-reduced under torch.distributed).
+    Quantising or decoding with a range never fitted raises an error, also under torch.compile (at tracing, and in
+    the compiled graph should the range be reset after it). The state_dict also records the scheme (``scheme``:
+    bins, mode, mu) and loading a state saved with another scheme is an error: its bins would decode to other levels.
     """
 
     def __init__(self, bins: int, mode: str = "uniform", *, mu: float = 255.0, decay: float = 0.99,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-            raise ValueError(f"bins must be an int >= 2, got {bins!r}")
+        if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= MAX_BINS:
+            raise ValueError(f"bins must be an int in [2, 2**24] (float32 levels beyond 2**24 are not told apart), "
+                             f"got {bins!r}")
         if mode not in QUANTIZER_MODES:
             raise ValueError(f"mode must be one of {QUANTIZER_MODES}, got {mode!r}")
         for name, value, ok in (("mu", mu, mu > 0), ("decay", decay, 0 <= decay < 1)):
@@ -63,31 +71,67 @@ class CoefficientQuantizer(nn.Module):
         mu = f", mu={self.mu}" if self.mode == "mulaw" else ""
         return f"bins={self.bins}, mode={self.mode!r}{mu}, decay={self.decay}"
 
-    def _check_fitted(self) -> None:
-        if not torch.compiler.is_compiling() and not bool(self.fitted):
-            raise RuntimeError("CoefficientQuantizer's range was never fitted: train the model (training mode tracks "
-                               "it), call fit(coeffs) on sample coefficients, or load a state_dict that has it")
+    # ------------------------------------------------------------------------------------- the state_dict contract
+    def _scheme_text(self, bins: int, mode: str, mu: float) -> str:
+        return f"bins={bins}, mode={mode!r}" + (f", mu={mu:g}" if mode == "mulaw" else "")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "scheme"] = torch.tensor(
+            [self.bins, QUANTIZER_MODES.index(self.mode), self.mu], dtype=torch.float64, device=self.low.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        key = prefix + "scheme"
+        saved = state_dict.get(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if saved is None:
+            scheme = self._scheme_text(self.bins, self.mode, self.mu)
+            warnings.warn(f"the state at '{prefix}' has no record of its coefficient scheme (saved by an older "
+                          f"lasers_ext): cannot check that it was saved with {scheme}", UserWarning, stacklevel=2)
+            return
+        values = saved.tolist() if isinstance(saved, Tensor) and saved.shape == (3,) else None
+        if values is None or not 0 <= values[1] < len(QUANTIZER_MODES) or values[1] != int(values[1]):
+            error_msgs.append(f"{key}: expected a record (bins, mode, mu), got {saved!r}")
+            return
+        bins, mode, mu = int(values[0]), QUANTIZER_MODES[int(values[1])], values[2]
+        if (bins, mode) != (self.bins, self.mode) or (mode == "mulaw" and mu != self.mu):
+            error_msgs.append(f"{prefix}scheme: the state was saved with {self._scheme_text(bins, mode, mu)} but "
+                              f"this module has {self._scheme_text(self.bins, self.mode, self.mu)}; its bins would "
+                              f"decode to other levels (build the module with the same coeff_bins/coeff_quant)")
+
+    # ----------------------------------------------------------------------------------------------- quantising
+    def check_fitted(self) -> None:
+        """RuntimeError unless the range was fitted. Under torch.compile: checked when tracing, and in the graph."""
+        if torch.compiler.is_compiling():
+            if not self._fitted_when_traced():
+                raise RuntimeError(_NEVER_FITTED)
+            torch._assert_async(self.fitted, _NEVER_FITTED)  # a range reset after compiling
+        elif not bool(self.fitted):
+            raise RuntimeError(_NEVER_FITTED)
+
+    @torch.compiler.assume_constant_result
+    def _fitted_when_traced(self) -> bool:
+        return bool(self.fitted)
 
     def _span(self) -> tuple[Tensor, Tensor]:
-        """Centre and half-width of the range (the half-width kept > 0)."""
-        half = ((self.high - self.low) / 2).clamp_min(torch.finfo(self.low.dtype).tiny)
-        return (self.low + self.high) / 2, half
+        """Centre and half-width of the range (the half-width kept > 0), computed without overflow."""
+        half = (self.high / 2 - self.low / 2).clamp_min(torch.finfo(self.low.dtype).tiny)
+        return self.low / 2 + self.high / 2, half
 
-    def levels(self) -> Tensor:
-        """The B values bins decode to, (B,) ascending, in the buffers' dtype."""
-        self._check_fitted()
-        mid, half = self._span()
-        y = torch.linspace(-1.0, 1.0, self.bins, dtype=self.low.dtype, device=self.low.device)
+    def _levels_of(self, bins: Tensor) -> Tensor:
+        """The levels of ``bins`` (int, values in [0, B)), unchecked: one formula for every decode."""
+        y = (2 * bins.to(torch.float64) - (self.bins - 1)) / (self.bins - 1)  # exact ends -1 and 1, symmetric
         if self.mode == "mulaw":
             y = torch.sign(y) * torch.expm1(y.abs() * math.log1p(self.mu)) / self.mu
-        return mid + half * y
+        mid, half = self._span()
+        return mid + half * y.to(self.low.dtype)
 
-    def quantize(self, coeffs: Tensor) -> Tensor:
-        """Coefficients (any shape, floating) -> bins (same shape, int64 in [0, B)), the nearest level (in the
-        companded domain for mu-law). NaN maps to bin 0."""
-        if not isinstance(coeffs, Tensor) or not coeffs.is_floating_point():
-            raise TypeError(f"coeffs must be a floating-point tensor, got {getattr(coeffs, 'dtype', type(coeffs))}")
-        self._check_fitted()
+    def _bins_of(self, coeffs: Tensor) -> Tensor:
+        """The nearest levels' bins (unchecked; the range as it is)."""
         mid, half = self._span()
         t = ((coeffs.to(self.low.dtype) - mid) / half).clamp(-1.0, 1.0)
         if self.mode == "mulaw":
@@ -95,18 +139,40 @@ class CoefficientQuantizer(nn.Module):
         b = torch.round((t + 1) * ((self.bins - 1) / 2))
         return torch.nan_to_num(b, nan=0.0).clamp(0, self.bins - 1).long()
 
+    def levels(self) -> Tensor:
+        """The B values bins decode to, (B,) ascending, in the buffers' dtype."""
+        self.check_fitted()
+        return self._levels_of(torch.arange(self.bins, device=self.low.device))
+
+    def quantize(self, coeffs: Tensor) -> Tensor:
+        """Coefficients (any shape, floating) -> bins (same shape, int64 in [0, B)), the nearest level (in the
+        companded domain for mu-law). NaN maps to bin 0."""
+        if not isinstance(coeffs, Tensor) or not coeffs.is_floating_point():
+            raise TypeError(f"coeffs must be a floating-point tensor, got {getattr(coeffs, 'dtype', type(coeffs))}")
+        self.check_fitted()
+        return self._bins_of(coeffs)
+
     def dequantize(self, bins: Tensor) -> Tensor:
         """Bins (int, any shape, values in [0, B)) -> their levels, same shape, in the buffers' dtype."""
-        if not isinstance(bins, Tensor) or bins.is_floating_point() or bins.dtype == torch.bool:
+        if not isinstance(bins, Tensor) or bins.is_floating_point() or bins.is_complex() or bins.dtype == torch.bool:
             raise TypeError(f"bins must be an integer tensor, got {getattr(bins, 'dtype', type(bins))}")
-        return self.levels()[bins.long()]
+        if bins.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(bins.min()), int(bins.max())
+            if lo < 0 or hi >= self.bins:
+                raise ValueError(f"bins must be in [0, {self.bins}), got values in [{lo}, {hi}]")
+        self.check_fitted()
+        return self._levels_of(bins)
 
     def forward(self, coeffs: Tensor, valid: Tensor | None = None) -> Tensor:
         """Quantised coefficients with a straight-through gradient (the rounding counts as the identity); in training
-        mode the range first tracks the batch (``valid`` masks out unused slots)."""
+        mode the range first tracks the batch (``valid`` masks out unused slots; until a batch has a valid
+        coefficient the range stays unfitted and the values are quantised over its initial [-1, 1])."""
         if self.training:
             self.observe(coeffs, valid)
-        return straight_through(coeffs, self.dequantize(self.quantize(coeffs)).to(coeffs.dtype))
+            values = self._levels_of(self._bins_of(coeffs))
+        else:
+            values = self.dequantize(self.quantize(coeffs))
+        return straight_through(coeffs, values.to(coeffs.dtype))
 
     @torch.no_grad()
     def observe(self, coeffs: Tensor, valid: Tensor | None = None) -> None:
@@ -151,9 +217,9 @@ class TokenCodec:
     """
 
     def __init__(self, atoms: int, bins: int, sparsity: int) -> None:
-        for name, value in (("atoms", atoms), ("bins", bins), ("sparsity", sparsity)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, value, least in (("atoms", atoms, 1), ("bins", bins, 2), ("sparsity", sparsity, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         self.atoms, self.bins, self.sparsity = atoms, bins, sparsity
         self.pad_id = atoms + bins
         self.vocab_size = atoms + bins + 1
@@ -164,10 +230,35 @@ class TokenCodec:
         return f"TokenCodec(atoms={self.atoms}, bins={self.bins}, sparsity={self.sparsity})"
 
     def encode(self, indices: Tensor, bins: Tensor) -> Tensor:
-        """indices (..., S) int (-1: unused slot) and bins (..., S) int in [0, B) -> tokens (..., 2S) int64."""
+        """indices (..., S) int in [-1, K) (-1: unused slot, only after a site's last used one) and bins (..., S) int
+        in [0, B) (not looked at in unused slots) -> tokens (..., 2S) int64, always accepted by :meth:`decode`.
+
+        Raises TypeError / ValueError for codes that have no tokens."""
+        for name, value in (("indices", indices), ("bins", bins)):
+            if not isinstance(value, Tensor) or value.is_floating_point() or value.is_complex() \
+                    or value.dtype == torch.bool:
+                raise TypeError(f"{name} must be an integer tensor, got {getattr(value, 'dtype', type(value))}")
         if indices.shape != bins.shape or indices.dim() < 1 or indices.shape[-1] != self.sparsity:
             raise ValueError(f"indices and bins must both have shape (..., {self.sparsity}), got "
                              f"{tuple(indices.shape)} and {tuple(bins.shape)}")
+        used = indices >= 0
+        if indices.numel():
+            lo, hi = int(indices.min()), int(indices.max())
+            if lo < -1 or hi >= self.atoms:
+                raise ValueError(f"atom indices must be in [-1, {self.atoms}) (-1: unused slot), got values in "
+                                 f"[{lo}, {hi}]")
+            if bool(used.any()):
+                b = bins[used]
+                lo, hi = int(b.min()), int(b.max())
+                if lo < 0 or hi >= self.bins:
+                    raise ValueError(f"bins must be in [0, {self.bins}) in used slots, got values in [{lo}, {hi}]")
+            if self.sparsity > 1 and not bool((used[..., 1:] <= used[..., :-1]).all()):
+                raise ValueError("a used slot comes after an unused slot: unused slots (-1) come only after a "
+                                 "site's last used one")
+        return self._pack(indices, bins)
+
+    def _pack(self, indices: Tensor, bins: Tensor) -> Tensor:
+        """encode without the checks (no host synchronisation), for codes known to be valid (Batch-OMP's)."""
         used = indices >= 0
         atom = torch.where(used, indices.long(), self.pad_id)
         value = torch.where(used, bins.long() + self.atoms, self.pad_id)

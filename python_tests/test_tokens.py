@@ -294,3 +294,148 @@ def test_compiled_forward_with_tokens_matches_eager(gen):
     eager = q(z)
     compiled = torch.compile(q, fullgraph=True, backend="eager")(z)
     assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[2][2], eager[2][2])
+
+
+# ------------------------------------------------------------------------- issue 21: the state contract and the edges
+def test_state_dict_records_bins_mode_and_mu(gen):
+    """A state saved with one coefficient scheme must not load into a module with another: its bins would decode to
+    other levels (z_q silently changed)."""
+    q = trained_bottleneck(gen, 3, mode="uniform", bins=16)
+    state = q.state_dict()
+    assert "coeff_quantizer.scheme" in state
+    for bins, mode, match in [(8, "uniform", "bins=16"), (16, "mulaw", "mode='uniform'")]:
+        other = SparseDictBottleneck(24, 4, sparsity=3, coeff_bins=bins, coeff_quant=mode)
+        with pytest.raises(RuntimeError, match=match):
+            other.load_state_dict(state)
+        with pytest.raises(RuntimeError, match=match):  # not even a non-strict load accepts it
+            other.load_state_dict(state, strict=False)
+    mulaw = CoefficientQuantizer(16, "mulaw", mu=255.0).fit(torch.tensor([-1.0, 2.0]))
+    with pytest.raises(RuntimeError, match="mu=255"):
+        CoefficientQuantizer(16, "mulaw", mu=100.0).load_state_dict(mulaw.state_dict())
+    CoefficientQuantizer(16, "uniform", mu=100.0).load_state_dict(  # mu means nothing to uniform levels
+        CoefficientQuantizer(16, "uniform").fit(torch.tensor([0.0, 1.0])).state_dict())
+    same = SparseDictBottleneck(24, 4, sparsity=3, coeff_bins=16).eval()
+    same.load_state_dict(state)
+    z = torch.randn(1, 4, 4, 4, generator=gen)
+    assert torch.equal(same(z)[0], q(z)[0])
+    buf = io.BytesIO()  # and through a file, as checkpoints travel
+    torch.save(state, buf)
+    buf.seek(0)
+    with pytest.raises(RuntimeError, match="bins=16"):
+        SparseDictBottleneck(24, 4, sparsity=3, coeff_bins=8).load_state_dict(torch.load(buf, weights_only=True))
+
+
+def test_state_without_a_scheme_record_loads_with_a_warning(gen):
+    q = fitted(16, "mulaw", low=-0.7, high=1.9)
+    legacy = {k: v for k, v in q.state_dict().items() if k != "scheme"}  # saved before the record existed
+    other = CoefficientQuantizer(16, "mulaw")
+    with pytest.warns(UserWarning, match="cannot check"):
+        other.load_state_dict(legacy)
+    assert torch.equal(other.levels(), q.levels())
+
+
+def test_first_training_batches_without_used_slots_leave_the_range_unfitted(gen):
+    q = SparseDictBottleneck(24, 4, sparsity=3, coeff_bins=8, tol=1e9).train()  # every site stops before an atom
+    z_q, loss, info = q(torch.randn(2, 4, 4, 4, generator=gen))
+    assert not bool(q.coeff_quantizer.fitted)  # nothing seen, nothing fitted
+    assert (info[2] == q.codec.pad_id).all() and torch.equal(z_q, torch.zeros_like(z_q))
+    q(torch.zeros(2, 4, 4, 4))  # zero latents: no used slot either
+    assert not bool(q.coeff_quantizer.fitted)
+    q.tol = None
+    z = torch.randn(2, 4, 4, 4, generator=gen)
+    _, _, info = q(z)  # the first batch with used slots sets the range
+    used = info.atom_indices >= 0
+    assert bool(q.coeff_quantizer.fitted)
+    assert q.coeff_quantizer.low.item() == pytest.approx(info.coeffs[used].min().item(), abs=1e-6)
+    q.eval()
+    assert torch.equal(q.get_codebook_entry(q(z)[2][2].reshape(-1), (2, 4, 4, 4)), q(z)[0])
+
+
+def test_bins_are_limited_to_what_float32_levels_tell_apart():
+    for bins in (2**24 + 1, 2**30):
+        with pytest.raises(ValueError, match=r"2\*\*24"):
+            CoefficientQuantizer(bins)
+        with pytest.raises(ValueError, match=r"2\*\*24"):
+            SparseDictBottleneck(24, 4, coeff_bins=bins)
+    b = 2**24
+    q = CoefficientQuantizer(b).fit(torch.tensor([-1.0, 1.0]))
+    c = torch.tensor([-5.0, -1.0, 0.3, 1.0, 7.0])
+    got = q.quantize(c)
+    assert got[[0, 1]].tolist() == [0, 0] and got[[3, 4]].tolist() == [b - 1, b - 1]
+    step = 2.0 / (b - 1)
+    assert abs(q.dequantize(got[2:3]).item() - 0.3) <= step  # the nearest level, to float32 precision
+
+
+def test_compiled_eval_with_an_unfitted_range_is_not_silent(gen):
+    q = SparseDictBottleneck(24, 4, sparsity=3, coeff_bins=8).eval()
+    z = torch.randn(1, 4, 4, 4, generator=gen)
+    with pytest.raises(RuntimeError, match="never fitted"):
+        torch.compile(q, fullgraph=True, backend="eager")(z)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="never fitted"):
+        torch.compile(q, backend="eager")(z)
+    torch._dynamo.reset()
+    fitted_q = trained_bottleneck(gen, 3, bins=8)
+    compiled = torch.compile(fitted_q, fullgraph=True, backend="eager")
+    compiled(z)
+    fitted_q.coeff_quantizer.fitted.fill_(False)  # the range reset after compiling: the compiled graph checks too
+    with pytest.raises(RuntimeError, match="never fitted"):
+        compiled(z)
+    torch._dynamo.reset()
+
+
+def test_extreme_ranges_give_finite_levels(gen):
+    big = 3e38
+    q = fitted(9, low=-big, high=big)
+    levels = q.levels()
+    assert torch.isfinite(levels).all()
+    np.testing.assert_allclose(levels.double().numpy(), np.linspace(-big, big, 9), rtol=1e-6)
+    assert torch.equal(q.quantize(levels), torch.arange(9))
+    assert torch.equal(q.quantize(torch.tensor([-3.4e38, 0.0, 3.4e38])), torch.tensor([0, 4, 8]))
+    m = fitted(16, "mulaw", low=-big, high=big)
+    assert torch.isfinite(m.levels()).all() and torch.equal(m.quantize(m.levels()), torch.arange(16))
+
+
+@pytest.mark.parametrize("bad", [-1, 8, 100])
+def test_dequantize_rejects_bins_outside_the_range(bad):
+    q = fitted(8)
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        q.dequantize(torch.tensor([0, bad, 3]))
+    assert q.dequantize(torch.tensor([], dtype=torch.long)).shape == (0,)
+
+
+@pytest.mark.parametrize("indices, bins, match", [
+    ([[37, 0]], [[0, 0]], r"atom indices must be in \[-1, 37\)"),    # atom id past K
+    ([[-2, 0]], [[0, 0]], r"atom indices must be in \[-1, 37\)"),    # below the unused mark
+    ([[3, 0]], [[8, 0]], r"bins must be in \[0, 8\)"),               # bin past B on a used slot
+    ([[3, 1]], [[0, -1]], r"bins must be in \[0, 8\)"),              # negative bin on a used slot
+    ([[-1, 4]], [[0, 0]], "after an unused slot"),                     # a used slot after an unused one
+])
+def test_codec_encode_rejects_what_decode_would(indices, bins, match):
+    codec = TokenCodec(37, 8, 2)
+    with pytest.raises(ValueError, match=match):
+        codec.encode(torch.tensor(indices), torch.tensor(bins))
+    ok = codec.encode(torch.tensor([[3, -1]]), torch.tensor([[7, 99]]))  # an unused slot's bin is not looked at
+    assert torch.equal(ok, torch.tensor([[3, 44, 45, 45]]))
+    assert torch.equal(codec.decode(ok)[0], torch.tensor([[3, -1]]))
+    with pytest.raises(TypeError, match="integer"):
+        codec.encode(torch.tensor([[3.0, 1.0]]), torch.tensor([[0, 0]]))
+
+
+def test_encoded_random_codes_always_decode(gen):
+    codec = TokenCodec(11, 5, 4)
+    for _ in range(20):
+        indices = torch.randint(-3, 14, (50, 4), generator=gen)
+        bins = torch.randint(-2, 7, (50, 4), generator=gen)
+        try:
+            tokens = codec.encode(indices, bins)
+        except ValueError:
+            continue
+        idx, got = codec.decode(tokens)  # whatever encode emits, decode takes back
+        assert torch.equal(idx, indices)
+
+
+@pytest.mark.parametrize("bins", [1, 0, True])
+def test_codec_needs_two_bins(bins):
+    with pytest.raises(ValueError, match="bins"):
+        TokenCodec(10, bins, 2)
