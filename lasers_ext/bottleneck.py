@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backends import BACKENDS
+from .dictionary_init import INIT_MODES, kmeanspp_atoms, sample_atoms, spherical_kmeans, unit_rows, worst_coded
 from .ops import batch_omp, gather_atoms, least_squares_backward, sparse_decode
 from .quantizer import (
     QuantizerInfo,
@@ -29,7 +30,27 @@ from .quantizer import (
 )
 from .tokens import QUANTIZER_MODES, CoefficientQuantizer, TokenCodec
 
-__all__ = ["SparseDictBottleneck", "SparseCode"]
+__all__ = ["SparseDictBottleneck", "SparseCode", "GRADIENTS", "rotation_trick"]
+
+GRADIENTS = ("straight_through", "exact", "rotation")
+INIT_SAMPLES_PER_ATOM = 16  # data-driven initialisation looks at no more than 16 K latent vectors
+
+
+def rotation_trick(x: Tensor, z_hat: Tensor) -> Tensor:
+    """``z_hat`` (N, M) exactly, with the rotation trick's gradient to ``x`` (N, M) (Fifty et al. 2024, "Restructuring
+    vector quantization with the rotation trick"): z_hat = s R x with R the rotation taking x's direction e to
+    z_hat's direction q in their plane, R = I - 2 r r^T + 2 q e^T (r = (e + q) / ||e + q||), s = ||z_hat|| / ||x||,
+    both held constant, so x gets s R^T g for the decoder's gradient g instead of g itself. Rows where x or z_hat is
+    zero get the straight-through identity."""
+    xd, qd = x.detach(), z_hat.detach()
+    tiny = torch.finfo(xd.dtype).tiny
+    xn, qn = xd.norm(dim=-1, keepdim=True), qd.norm(dim=-1, keepdim=True)
+    ok = (xn > 0) & (qn > 0)
+    e, q = xd / xn.clamp_min(tiny), qd / qn.clamp_min(tiny)
+    r = F.normalize(e + q, dim=-1, eps=tiny)
+    rotated = x - 2 * r * (r * x).sum(-1, keepdim=True) + 2 * q * (e * x).sum(-1, keepdim=True)
+    rotated = torch.where(ok, (qn / xn.clamp_min(tiny)) * rotated, x)
+    return straight_through(rotated, z_hat)
 
 
 class SparseCode(torch.autograd.Function):
@@ -83,7 +104,24 @@ class SparseDictBottleneck(nn.Module):
             P_H * P_W * C entries laid out (P_H, P_W, C).
         tol: optional squared-residual early stop per site (see :func:`lasers_ext.batch_omp`).
         exact_gradient: give the encoder the exact least-squares gradient (a projection onto the chosen atoms) instead
-            of the straight-through identity; the decoder's gradient then also reaches the dictionary.
+            of the straight-through identity; the decoder's gradient then also reaches the dictionary. The same as
+            ``gradient="exact"``.
+        gradient: the encoder's gradient: ``"straight_through"`` (default: the identity), ``"exact"`` (as
+            ``exact_gradient``) or ``"rotation"`` (:func:`rotation_trick`: the decoder's gradient rotated from z_hat's
+            direction to z's and scaled by ||z_hat|| / ||z||).
+        init: the dictionary's start: ``"random"`` (default, the paper's: Gaussian atoms), ``"sample"`` (a random
+            sample of the first training batch's latent vectors, scaled to unit norm) or ``"kmeans"`` (k-means++
+            seeding on those vectors with OMP's sign-invariant distance 1 - <x, d>^2, then ``init_iters`` rounds of
+            spherical k-means; :mod:`lasers_ext.dictionary_init`). Done once, in the first training forward whose
+            batch has a nonzero latent vector, from at most 16 K vectors (drawn with ``init_seed``); under
+            torch.distributed from rank 0's batch, broadcast to every rank. The ``initialised`` buffer records it
+            (a state_dict without it, saved before it existed, counts as initialised).
+        restart_window: None (default) or W: dead-atom restarts. In each training forward an atom that no code of
+            the last W training batches used (all ranks counted) is replaced by one of this batch's worst-coded
+            latent vectors (largest squared residual, scaled to unit norm; the worst to the lowest dead atom id), on
+            rank 0 and broadcast. Buffers ``idle_steps`` (K,) and ``restarts`` (the running count, also
+            ``info.restarts``). The batch's codes do not use dead atoms, so its forward is unchanged; the new atoms
+            take part from the next batch. With ``dictionary_update="online"`` their statistics are cleared.
         dictionary_update: ``"gradient"`` (the paper's implicit learning through the caller's optimizer) or
             ``"online"``: the learning-rate-free update of the paper's supplementary section 8 (moving statistics A, B
             and one block-coordinate-descent sweep over the atoms per training forward, all-reduced under
@@ -94,6 +132,9 @@ class SparseDictBottleneck(nn.Module):
             stage-2 prior (see :mod:`lasers_ext.tokens`). None (default): real coefficients, no tokens.
         coeff_quant: ``"uniform"`` or ``"mulaw"`` levels (:class:`~lasers_ext.tokens.CoefficientQuantizer`; its range
             is tracked in training mode and saved in the state_dict).
+        coeff_per_slot: one coefficient range per slot (selection depth) instead of one for all: OMP's coefficients
+            shrink with the selection order. The tokens keep their format; the order of the slots then carries
+            information and ``bits_per_site`` counts the support in order (see :class:`~lasers_ext.TokenCodec`).
 
     ``forward(z)`` for z (B, C, H, W) returns ``(z_q, loss, info)`` like taming: z_q (B, C, H, W) in z's dtype, loss a
     0-dim tensor, info a :class:`QuantizerInfo` ``(perplexity, None, indices)`` with the codes and usage statistics
@@ -104,7 +145,8 @@ class SparseDictBottleneck(nn.Module):
     With ``coeff_bins``, ``info[2]`` holds tokens instead, (N, 2S) or (B, H', W', 2S), so ``info[2].view(B, -1)`` is
     a stage-2 sequence and ``get_codebook_entry(tokens.reshape(-1), (B, H, W, C))`` returns the forward's z_q exactly
     (eval mode); ``info.bins`` holds the coefficient bins. ``vocab_size``, ``tokens_per_site`` and
-    ``bits_per_site`` (S (log2 K + log2 B)) describe the tokens (None without ``coeff_bins``).
+    ``bits_per_site`` (log2 C(K, S) + S log2 B, the support as a set; with ``coeff_per_slot`` log2 (K!/(K-S)!) +
+    S log2 B, in order) describe the tokens (None without ``coeff_bins``).
     """
 
     def __init__(
@@ -125,6 +167,12 @@ class SparseDictBottleneck(nn.Module):
         backend: str = "auto",
         coeff_bins: int | None = None,
         coeff_quant: str = "uniform",
+        coeff_per_slot: bool = False,
+        gradient: str | None = None,
+        init: str = "random",
+        init_iters: int = 10,
+        init_seed: int = 0,
+        restart_window: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         **aliases: int,
@@ -151,11 +199,29 @@ class SparseDictBottleneck(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.beta, self.legacy, self.sane_index_shape = float(beta), bool(legacy), bool(sane_index_shape)
         self.remap, self.unknown_index = remap, unknown_index
-        self.sparsity, self.tol, self.exact_gradient, self.backend = int(sparsity), tol, bool(exact_gradient), backend
+        if gradient is None:
+            gradient = "exact" if exact_gradient else "straight_through"
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+        if exact_gradient and gradient != "exact":
+            raise ValueError(f"exact_gradient=True is gradient='exact'; it conflicts with gradient={gradient!r}")
+        self.gradient = gradient
+        self.sparsity, self.tol, self.exact_gradient, self.backend = int(sparsity), tol, gradient == "exact", backend
         if dictionary_update not in ("gradient", "online"):
             raise ValueError(f"dictionary_update must be 'gradient' or 'online', got {dictionary_update!r}")
-        if dictionary_update == "online" and exact_gradient:
+        if dictionary_update == "online" and self.exact_gradient:
             raise ValueError("exact_gradient trains the dictionary by gradients; it does not combine with 'online'")
+        if init not in INIT_MODES:
+            raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
+        for name, value, least in (("init_iters", init_iters, 0), ("init_seed", init_seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        if restart_window is not None and (isinstance(restart_window, bool) or not isinstance(restart_window, int)
+                                           or restart_window < 1):
+            raise ValueError(f"restart_window must be None or a positive int (training steps), got {restart_window!r}")
+        if not isinstance(coeff_per_slot, bool):
+            raise TypeError(f"coeff_per_slot must be True or False, got {coeff_per_slot!r}")
+        self.init, self.init_iters, self.init_seed, self.restart_window = init, init_iters, init_seed, restart_window
         self.dictionary_update = dictionary_update
         self.embedding = nn.Embedding(self.n_e, atom_dim, device=device, dtype=dtype)
         if dictionary_update == "online":
@@ -163,13 +229,20 @@ class SparseDictBottleneck(nn.Module):
             self.register_buffer("stat_a", torch.zeros(self.n_e, self.n_e, device=device))  # A = sum gamma gamma^T
             self.register_buffer("stat_b", torch.zeros(self.n_e, atom_dim, device=device))  # B^T = sum gamma z^T
             self.register_buffer("online_steps", torch.zeros((), dtype=torch.long, device=device))
+        if init != "random":
+            self.register_buffer("initialised", torch.zeros((), dtype=torch.bool, device=device))
+        if restart_window is not None:
+            self.register_buffer("idle_steps", torch.zeros(self.n_e, dtype=torch.long, device=device))
+            self.register_buffer("restarts", torch.zeros((), dtype=torch.long, device=device))
         if coeff_quant not in QUANTIZER_MODES:
             raise ValueError(f"coeff_quant must be one of {QUANTIZER_MODES}, got {coeff_quant!r}")
         self.coeff_quantizer: CoefficientQuantizer | None = None
         self.codec: TokenCodec | None = None
+        self.coeff_per_slot = coeff_per_slot
         if coeff_bins is not None:
-            self.coeff_quantizer = CoefficientQuantizer(coeff_bins, coeff_quant, device=device)
-            self.codec = TokenCodec(self.n_e, coeff_bins, self.sparsity)
+            self.coeff_quantizer = CoefficientQuantizer(coeff_bins, coeff_quant, device=device,
+                                                        slots=self.sparsity if coeff_per_slot else None)
+            self.codec = TokenCodec(self.n_e, coeff_bins, self.sparsity, ordered=coeff_per_slot)
         self.reset_parameters()
 
     @property
@@ -184,11 +257,11 @@ class SparseDictBottleneck(nn.Module):
 
     @property
     def bits_per_site(self) -> float | None:
-        """Bits per coded site, S (log2 K + log2 B), with ``coeff_bins``, else None."""
+        """Bits per coded site with ``coeff_bins`` (the codec's count, ``codec.support`` says how), else None."""
         return None if self.codec is None else self.codec.bits_per_site
 
     def reset_parameters(self) -> None:
-        """Gaussian atoms scaled to unit norm; online statistics cleared."""
+        """Gaussian atoms scaled to unit norm; online statistics, initialisation and restart records cleared."""
         with torch.no_grad():
             self.embedding.weight.normal_()
             self.embedding.weight.div_(self.embedding.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
@@ -196,11 +269,33 @@ class SparseDictBottleneck(nn.Module):
                 self.stat_a.zero_()
                 self.stat_b.zero_()
                 self.online_steps.zero_()
+            if self.init != "random":
+                self.initialised.zero_()
+            if self.restart_window is not None:
+                self.idle_steps.zero_()
+                self.restarts.zero_()
 
     def extra_repr(self) -> str:
+        levers = "".join(f", {k}={v!r}" for k, v, default in (
+            ("init", self.init, "random"), ("restart_window", self.restart_window, None),
+            ("coeff_per_slot", self.coeff_per_slot, False)) if v != default)
         return (f"n_e={self.n_e}, e_dim={self.e_dim}, sparsity={self.sparsity}, patch_size={self.patch_size}, "
-                f"beta={self.beta}, legacy={self.legacy}, exact_gradient={self.exact_gradient}, "
-                f"dictionary_update={self.dictionary_update!r}")  # coeff_quantizer shows as a child module
+                f"beta={self.beta}, legacy={self.legacy}, gradient={self.gradient!r}, "
+                f"dictionary_update={self.dictionary_update!r}{levers}")  # coeff_quantizer shows as a child module
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """A state saved without the initialisation or restart records (before they existed, or with the lever
+        off) loads: its dictionary counts as initialised, its atoms as just used."""
+        weight = state_dict.get(prefix + "embedding.weight")
+        if weight is not None:
+            if self.init != "random":
+                state_dict.setdefault(prefix + "initialised", torch.ones((), dtype=torch.bool))
+            if self.restart_window is not None:
+                state_dict.setdefault(prefix + "idle_steps", torch.zeros(self.n_e, dtype=torch.long))
+                state_dict.setdefault(prefix + "restarts", torch.zeros((), dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def atoms(self) -> Tensor:
         """The dictionary with unit-norm rows (K, P_H * P_W * C), as forward uses it; zero rows stay zero."""
@@ -227,9 +322,14 @@ class SparseDictBottleneck(nn.Module):
         compute = torch.float64 if z.dtype == torch.float64 else torch.float32  # half types are coded in float32
         with torch.autocast(device_type=z.device.type, enabled=False):
             x = self._to_sites(z.to(compute))
-            atoms = self.atoms().to(compute)
-            indices, coeffs = batch_omp(x.detach(), atoms.detach(), self.sparsity, tol=self.tol,
-                                        backend=self.backend)
+            if self.training and self.init != "random":
+                self._initialise(x.detach())
+            with torch.no_grad():
+                coding_atoms = self.atoms().to(compute)
+            indices, coeffs = batch_omp(x.detach(), coding_atoms, self.sparsity, tol=self.tol, backend=self.backend)
+            if self.training and self.restart_window is not None:
+                self._restart_dead_atoms(x.detach(), indices, coeffs, coding_atoms)
+            atoms = self.atoms().to(compute)  # after any restart: the codes use no restarted atom
             bins = None
             if self.coeff_quantizer is not None:
                 if self.training:  # fitted by now, or no slot is used yet and no level is looked at
@@ -243,6 +343,8 @@ class SparseDictBottleneck(nn.Module):
             if self.exact_gradient:
                 z_q = z_hat  # the decoder's gradient reaches z through P_T and the atoms through the fit
                 z_hat = sparse_decode(indices, coeffs, atoms)  # the loss sees the codes held fixed in both modes
+            elif self.gradient == "rotation":
+                z_q = rotation_trick(x, z_hat)
             else:
                 z_q = straight_through(x, z_hat)
             loss = codebook_loss(z_hat, x, self.beta, self.legacy)
@@ -252,6 +354,8 @@ class SparseDictBottleneck(nn.Module):
         z_q = self._from_sites(z_q, b, h, w).to(z.dtype)
         sites = (b, h // self.patch_size[0], w // self.patch_size[1])
         codes = {"atom_indices": indices, "coeffs": coeffs.to(z.dtype)}
+        if self.restart_window is not None:
+            stats["restarts"] = self.restarts.clone()
         if bins is not None:
             codes["bins"] = bins
         tokens = None if bins is None else self.codec._pack(indices, bins)  # (N, 2S): taming's info[2] in stage 2
@@ -265,6 +369,74 @@ class SparseDictBottleneck(nn.Module):
         third = codes["atom_indices"] if tokens is None else layout(tokens)
         info = QuantizerInfo(stats.pop("perplexity"), None, third, **codes, **stats)
         return z_q, loss.to(z.dtype), info
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _initialise(self, x: Tensor) -> None:
+        """The data-driven start (``init``) from the sites x (N, M) of this batch, once: on rank 0, broadcast."""
+        if bool(self.initialised):
+            return
+        weight = self.embedding.weight
+        ddp = dist.is_available() and dist.is_initialized()
+        atoms = torch.zeros_like(weight)
+        done = torch.zeros((), dtype=torch.long, device=weight.device)
+        if not ddp or dist.get_rank() == 0:
+            generator = torch.Generator().manual_seed(self.init_seed)
+            rows = unit_rows(x.to(torch.float64).cpu())
+            limit = INIT_SAMPLES_PER_ATOM * self.n_e
+            if rows.shape[0] > limit:
+                rows = rows[torch.randperm(rows.shape[0], generator=generator)[:limit]]
+            if rows.shape[0]:
+                if self.init == "sample":
+                    new = sample_atoms(rows, self.n_e, generator)
+                else:
+                    new = spherical_kmeans(rows, kmeanspp_atoms(rows, self.n_e, generator), self.init_iters)
+                atoms.copy_(new)
+                done.fill_(1)
+        if ddp:
+            dist.broadcast(atoms, 0)
+            dist.broadcast(done, 0)
+        if bool(done):
+            weight.copy_(atoms)
+            self.initialised.fill_(True)
+            if self.dictionary_update == "online":
+                self.stat_a.zero_()
+                self.stat_b.zero_()
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _restart_dead_atoms(self, x: Tensor, indices: Tensor, coeffs: Tensor, atoms: Tensor) -> None:
+        """Counts this batch's atom usage (all ranks) into ``idle_steps`` and replaces the atoms idle for
+        ``restart_window`` batches by the worst-coded sites of x (N, M) under their codes (indices, coeffs) over
+        ``atoms``, chosen on rank 0 and broadcast."""
+        used = torch.zeros(self.n_e, dtype=torch.long, device=indices.device)
+        used.index_add_(0, indices.clamp(min=0).reshape(-1), (indices >= 0).reshape(-1).long())
+        ddp = dist.is_available() and dist.is_initialized()
+        if ddp:
+            dist.all_reduce(used)
+        self.idle_steps.copy_(torch.where(used > 0, 0, self.idle_steps + 1))
+        dead = torch.nonzero(self.idle_steps >= self.restart_window).squeeze(1)  # the same on every rank
+        if dead.numel() == 0:
+            return
+        weight = self.embedding.weight
+        rows = torch.zeros(dead.numel(), weight.shape[1], dtype=weight.dtype, device=weight.device)
+        count = torch.zeros((), dtype=torch.long, device=weight.device)
+        if not ddp or dist.get_rank() == 0:
+            pick = worst_coded(x, sparse_decode(indices, coeffs, atoms), dead.numel())
+            rows[:pick.numel()] = F.normalize(x[pick], dim=1).to(weight.dtype)
+            count.fill_(pick.numel())
+        if ddp:
+            dist.broadcast(rows, 0)
+            dist.broadcast(count, 0)
+        n = int(count)
+        ids = dead[:n]
+        weight[ids] = rows[:n]
+        self.idle_steps[ids] = 0
+        self.restarts += n
+        if self.dictionary_update == "online":
+            self.stat_a[ids] = 0
+            self.stat_a[:, ids] = 0
+            self.stat_b[ids] = 0
 
     def _dequantize(self, indices: Tensor, bins: Tensor, dtype: torch.dtype) -> Tensor:
         """The coefficients that bins stand for, 0 in unused slots: one definition for forward and decoding."""

@@ -162,18 +162,22 @@ def build_autoencoder(kind: str, *, in_channels: int = 3, hidden: int = 128, res
                       n_res_blocks: int = 2, n_e: int = 512, e_dim: int = 16, sparsity: int = 5, beta: float = 0.25,
                       patch_size: int = 1, backend: str = "auto", ema_decay: float = 0.99,
                       dictionary_update: str = "gradient", coeff_bins: int | None = None,
-                      coeff_quant: str = "uniform", legacy: bool = False) -> Autoencoder:
+                      coeff_quant: str = "uniform", legacy: bool = False, **dl_options) -> Autoencoder:
     """The paper's autoencoders: "dl" (DL-VAE: Batch-OMP bottleneck, ``sparsity`` atoms of a 512 x 16 dictionary,
     trained by gradients) or "vq" (VQ-VAE: nearest codeword, EMA codebook with decay ``ema_decay``).
     ``sparsity``, ``patch_size``, ``backend`` and ``dictionary_update`` ("gradient" or the paper's "online"
     block-coordinate-descent update), ``coeff_bins`` and ``coeff_quant`` (coefficient tokens for stage 2) apply to
     "dl" only, ``ema_decay`` to "vq" only. ``legacy=False`` (default) is the paper's loss weighting (equation 13:
-    beta on the commitment term ||z - sg[z_hat]||^2); True is taming's (beta on the codebook/dictionary term)."""
+    beta on the commitment term ||z - sg[z_hat]||^2); True is taming's (beta on the codebook/dictionary term).
+    ``dl_options`` are further keyword options of :class:`SparseDictBottleneck` (``gradient``, ``init``,
+    ``restart_window``, ``coeff_per_slot``, ...), for "dl" only."""
     if kind == "dl":
         bottleneck = SparseDictBottleneck(n_e, e_dim, beta, legacy=legacy, sparsity=sparsity, patch_size=patch_size,
                                           backend=backend, dictionary_update=dictionary_update,
-                                          coeff_bins=coeff_bins, coeff_quant=coeff_quant)
+                                          coeff_bins=coeff_bins, coeff_quant=coeff_quant, **dl_options)
     elif kind == "vq":
+        if dl_options:
+            raise ValueError(f"options {sorted(dl_options)} apply to the 'dl' bottleneck only")
         bottleneck = VectorQuantizer(n_e, e_dim, beta, legacy=legacy, ema=True, decay=ema_decay)
     else:
         raise ValueError(f"kind must be 'dl' or 'vq', got {kind!r}")

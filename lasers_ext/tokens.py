@@ -42,6 +42,10 @@ class CoefficientQuantizer(nn.Module):
     Values outside the range go to the end levels. B is at most 2**24 (:data:`MAX_BINS`): float32 levels beyond that
     are not told apart.
 
+    ``slots``: None (default) for one range shared by every coefficient, or S for one range per slot (selection
+    depth) of codes (..., S): Batch-OMP's coefficients shrink with the selection order, so the later slots get finer
+    levels. Bins then mean a level of their slot's range; the buffers have shape (S,).
+
     The range lives in buffers (``low``, ``high``, ``fitted``; saved in the state_dict): fitted on data by
     :meth:`fit`, or tracked in training mode by :meth:`observe` as an exponential moving average of each batch's
     min and max (``decay``; the first batch with a valid coefficient sets it; all-reduced under torch.distributed).
@@ -51,7 +55,7 @@ class CoefficientQuantizer(nn.Module):
     """
 
     def __init__(self, bins: int, mode: str = "uniform", *, mu: float = 255.0, decay: float = 0.99,
-                 device: torch.device | str | None = None) -> None:
+                 slots: int | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
         if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= MAX_BINS:
             raise ValueError(f"bins must be an int in [2, 2**24] (float32 levels beyond 2**24 are not told apart), "
@@ -62,23 +66,30 @@ class CoefficientQuantizer(nn.Module):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok:
                 raise ValueError(f"{name} must be a finite number in its range (mu > 0, 0 <= decay < 1), got "
                                  f"{value!r}")
-        self.bins, self.mode, self.mu, self.decay = bins, mode, float(mu), float(decay)
-        self.register_buffer("low", torch.tensor(-1.0, device=device))
-        self.register_buffer("high", torch.tensor(1.0, device=device))
-        self.register_buffer("fitted", torch.tensor(False, device=device))
+        if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
+            raise ValueError(f"slots must be None or a positive int, got {slots!r}")
+        self.bins, self.mode, self.mu, self.decay, self.slots = bins, mode, float(mu), float(decay), slots
+        shape = () if slots is None else (slots,)
+        self.register_buffer("low", torch.full(shape, -1.0, device=device))
+        self.register_buffer("high", torch.full(shape, 1.0, device=device))
+        self.register_buffer("fitted", torch.zeros(shape, dtype=torch.bool, device=device))
 
     def extra_repr(self) -> str:
         mu = f", mu={self.mu}" if self.mode == "mulaw" else ""
-        return f"bins={self.bins}, mode={self.mode!r}{mu}, decay={self.decay}"
+        slots = "" if self.slots is None else f", slots={self.slots}"
+        return f"bins={self.bins}, mode={self.mode!r}{mu}, decay={self.decay}{slots}"
 
     # ------------------------------------------------------------------------------------- the state_dict contract
-    def _scheme_text(self, bins: int, mode: str, mu: float) -> str:
-        return f"bins={bins}, mode={mode!r}" + (f", mu={mu:g}" if mode == "mulaw" else "")
+    @staticmethod
+    def _scheme_text(bins: int, mode: str, mu: float, slots: int | None) -> str:
+        return (f"bins={bins}, mode={mode!r}" + (f", mu={mu:g}" if mode == "mulaw" else "")
+                + (", one range" if slots is None else f", a range per slot ({slots} slots)"))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "scheme"] = torch.tensor(
-            [self.bins, QUANTIZER_MODES.index(self.mode), self.mu], dtype=torch.float64, device=self.low.device)
+        destination[prefix + "scheme"] = torch.tensor(  # (bins, mode, mu, slots or 0)
+            [self.bins, QUANTIZER_MODES.index(self.mode), self.mu, self.slots or 0], dtype=torch.float64,
+            device=self.low.device)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -88,20 +99,23 @@ class CoefficientQuantizer(nn.Module):
                                       error_msgs)
         if key in unexpected_keys:
             unexpected_keys.remove(key)
+        mine = self._scheme_text(self.bins, self.mode, self.mu, self.slots)
         if saved is None:
-            scheme = self._scheme_text(self.bins, self.mode, self.mu)
+            scheme = mine
             warnings.warn(f"the state at '{prefix}' has no record of its coefficient scheme (saved by an older "
                           f"lasers_ext): cannot check that it was saved with {scheme}", UserWarning, stacklevel=2)
             return
-        values = saved.tolist() if isinstance(saved, Tensor) and saved.shape == (3,) else None
+        # (bins, mode, mu), before per-slot ranges, or (bins, mode, mu, slots or 0)
+        values = saved.tolist() if isinstance(saved, Tensor) and saved.shape in ((3,), (4,)) else None
         if values is None or not 0 <= values[1] < len(QUANTIZER_MODES) or values[1] != int(values[1]):
-            error_msgs.append(f"{key}: expected a record (bins, mode, mu), got {saved!r}")
+            error_msgs.append(f"{key}: expected a record (bins, mode, mu, slots), got {saved!r}")
             return
         bins, mode, mu = int(values[0]), QUANTIZER_MODES[int(values[1])], values[2]
-        if (bins, mode) != (self.bins, self.mode) or (mode == "mulaw" and mu != self.mu):
-            error_msgs.append(f"{prefix}scheme: the state was saved with {self._scheme_text(bins, mode, mu)} but "
-                              f"this module has {self._scheme_text(self.bins, self.mode, self.mu)}; its bins would "
-                              f"decode to other levels (build the module with the same coeff_bins/coeff_quant)")
+        slots = int(values[3]) if len(values) == 4 and values[3] else None
+        if (bins, mode, slots) != (self.bins, self.mode, self.slots) or (mode == "mulaw" and mu != self.mu):
+            error_msgs.append(f"{prefix}scheme: the state was saved with {self._scheme_text(bins, mode, mu, slots)} "
+                              f"but this module has {mine}; its bins would decode to other levels (build the module "
+                              f"with the same coeff_bins/coeff_quant/coeff_per_slot)")
 
     # ----------------------------------------------------------------------------------------------- quantising
     def check_fitted(self) -> None:
@@ -109,13 +123,18 @@ class CoefficientQuantizer(nn.Module):
         if torch.compiler.is_compiling():
             if not self._fitted_when_traced():
                 raise RuntimeError(_NEVER_FITTED)
-            torch._assert_async(self.fitted, _NEVER_FITTED)  # a range reset after compiling
-        elif not bool(self.fitted):
+            torch._assert_async(self.fitted.all(), _NEVER_FITTED)  # a range reset after compiling
+        elif not bool(self.fitted.all()):
             raise RuntimeError(_NEVER_FITTED)
 
     @torch.compiler.assume_constant_result
     def _fitted_when_traced(self) -> bool:
-        return bool(self.fitted)
+        return bool(self.fitted.all())
+
+    def _check_slots(self, values: Tensor, name: str) -> None:
+        if self.slots is not None and (values.dim() < 1 or values.shape[-1] != self.slots):
+            raise ValueError(f"{name} must have the {self.slots} slots as their last dimension (a range per slot), "
+                             f"got shape {tuple(values.shape)}")
 
     def _span(self) -> tuple[Tensor, Tensor]:
         """Centre and half-width of the range (the half-width kept > 0), computed without overflow."""
@@ -123,7 +142,8 @@ class CoefficientQuantizer(nn.Module):
         return self.low / 2 + self.high / 2, half
 
     def _levels_of(self, bins: Tensor) -> Tensor:
-        """The levels of ``bins`` (int, values in [0, B)), unchecked: one formula for every decode."""
+        """The levels of ``bins`` (int, values in [0, B); (..., S) with per-slot ranges), unchecked: one formula for
+        every decode."""
         y = (2 * bins.to(torch.float64) - (self.bins - 1)) / (self.bins - 1)  # exact ends -1 and 1, symmetric
         if self.mode == "mulaw":
             y = torch.sign(y) * torch.expm1(y.abs() * math.log1p(self.mu)) / self.mu
@@ -140,22 +160,26 @@ class CoefficientQuantizer(nn.Module):
         return torch.nan_to_num(b, nan=0.0).clamp(0, self.bins - 1).long()
 
     def levels(self) -> Tensor:
-        """The B values bins decode to, (B,) ascending, in the buffers' dtype."""
+        """The B values bins decode to, ascending, in the buffers' dtype: (B,), or (S, B) with per-slot ranges."""
         self.check_fitted()
-        return self._levels_of(torch.arange(self.bins, device=self.low.device))
+        b = torch.arange(self.bins, device=self.low.device)
+        return self._levels_of(b) if self.slots is None else self._levels_of(b.unsqueeze(1)).T
 
     def quantize(self, coeffs: Tensor) -> Tensor:
-        """Coefficients (any shape, floating) -> bins (same shape, int64 in [0, B)), the nearest level (in the
-        companded domain for mu-law). NaN maps to bin 0."""
+        """Coefficients (any shape, floating; (..., S) with per-slot ranges) -> bins (same shape, int64 in [0, B)),
+        the nearest level (in the companded domain for mu-law). NaN maps to bin 0."""
         if not isinstance(coeffs, Tensor) or not coeffs.is_floating_point():
             raise TypeError(f"coeffs must be a floating-point tensor, got {getattr(coeffs, 'dtype', type(coeffs))}")
+        self._check_slots(coeffs, "coeffs")
         self.check_fitted()
         return self._bins_of(coeffs)
 
     def dequantize(self, bins: Tensor) -> Tensor:
-        """Bins (int, any shape, values in [0, B)) -> their levels, same shape, in the buffers' dtype."""
+        """Bins (int, any shape, values in [0, B); (..., S) with per-slot ranges) -> their levels, same shape, in the
+        buffers' dtype."""
         if not isinstance(bins, Tensor) or bins.is_floating_point() or bins.is_complex() or bins.dtype == torch.bool:
             raise TypeError(f"bins must be an integer tensor, got {getattr(bins, 'dtype', type(bins))}")
+        self._check_slots(bins, "bins")
         if bins.numel() and not torch.compiler.is_compiling():
             lo, hi = int(bins.min()), int(bins.max())
             if lo < 0 or hi >= self.bins:
@@ -168,6 +192,7 @@ class CoefficientQuantizer(nn.Module):
         mode the range first tracks the batch (``valid`` masks out unused slots; until a batch has a valid
         coefficient the range stays unfitted and the values are quantised over its initial [-1, 1])."""
         if self.training:
+            self._check_slots(coeffs, "coeffs")
             self.observe(coeffs, valid)
             values = self._levels_of(self._bins_of(coeffs))
         else:
@@ -177,35 +202,54 @@ class CoefficientQuantizer(nn.Module):
     @torch.no_grad()
     def observe(self, coeffs: Tensor, valid: Tensor | None = None) -> None:
         """One moving-average step of the range towards this batch's min and max over ``valid`` finite entries
-        (no host synchronisation; a batch without any leaves the range as it is)."""
+        (no host synchronisation; a batch without any leaves the range as it is). Per-slot ranges: each slot
+        tracks its own entries; a slot never seen takes the whole batch's range once any slot has entries."""
+        self._check_slots(coeffs, "coeffs")
+        width = self.slots or 1
         keep = torch.isfinite(coeffs) if valid is None else valid & torch.isfinite(coeffs)
-        c = coeffs.detach().to(self.low.dtype)
-        lo = torch.where(keep, c, math.inf).amin() if c.numel() else self.low.new_tensor(math.inf)
-        hi = torch.where(keep, c, -math.inf).amax() if c.numel() else self.low.new_tensor(-math.inf)
+        c = coeffs.detach().to(self.low.dtype).reshape(-1, width)
+        keep = keep.reshape(-1, width)
+        lo = torch.where(keep, c, math.inf).amin(0) if c.numel() else c.new_full((width,), math.inf)
+        hi = torch.where(keep, c, -math.inf).amax(0) if c.numel() else c.new_full((width,), -math.inf)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(lo, op=dist.ReduceOp.MIN)
             dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         seen = lo <= hi
-        for buf, batch in ((self.low, lo), (self.high, hi)):
-            moved = torch.where(self.fitted, self.decay * buf + (1 - self.decay) * batch, batch)
-            buf.copy_(torch.where(seen, moved, buf))
-        self.fitted.logical_or_(seen)
+        fitted = self.fitted.reshape(width)
+        update = seen | (~fitted & seen.any())  # a slot seen, or never fitted while another slot was seen
+        for buf, batch, whole in ((self.low, lo, lo.amin()), (self.high, hi, hi.amax())):
+            flat = buf.reshape(width)
+            moved = torch.where(fitted & seen, self.decay * flat + (1 - self.decay) * batch,
+                                torch.where(seen, batch, whole))
+            buf.copy_(torch.where(update, moved, flat).reshape(buf.shape))
+        self.fitted.logical_or_(update.reshape(self.fitted.shape))
 
     @torch.no_grad()
     def fit(self, coeffs: Tensor, valid: Tensor | None = None, quantile: float = 1.0) -> CoefficientQuantizer:
         """Sets the range from data: the ``1 - quantile`` and ``quantile`` quantiles of the ``valid`` finite
-        coefficients (1.0: min and max; e.g. 0.999 clips outliers). Returns self."""
+        coefficients (1.0: min and max; e.g. 0.999 clips outliers); per slot with per-slot ranges (a slot without
+        data takes the quantiles of all of them). Returns self."""
         if not 0.5 < quantile <= 1.0:
             raise ValueError(f"quantile must be in (0.5, 1], got {quantile}")
+        self._check_slots(coeffs, "coeffs")
+        width = self.slots or 1
         keep = torch.isfinite(coeffs) if valid is None else valid & torch.isfinite(coeffs)
-        c = coeffs.detach()[keep].to(self.low.dtype).flatten()
-        if c.numel() == 0:
+        c = coeffs.detach().to(self.low.dtype).reshape(-1, width)
+        keep = keep.reshape(-1, width)
+        if not bool(keep.any()):
             raise ValueError("fit needs at least one valid finite coefficient")
-        if c.numel() > 1 << 24:  # torch.quantile's input limit: an evenly spaced subsample
-            c = c[torch.linspace(0, c.numel() - 1, 1 << 24, device=c.device).long()]
-        lo, hi = torch.quantile(c, torch.tensor([1 - quantile, quantile], dtype=c.dtype, device=c.device))
-        self.low.copy_(lo)
-        self.high.copy_(hi)
+        q = torch.tensor([1 - quantile, quantile], dtype=c.dtype, device=c.device)
+
+        def quantiles(v: Tensor) -> Tensor:
+            if v.numel() > 1 << 24:  # torch.quantile's input limit: an evenly spaced subsample
+                v = v[torch.linspace(0, v.numel() - 1, 1 << 24, device=v.device).long()]
+            return torch.quantile(v, q)
+
+        whole = quantiles(c[keep])
+        ranges = torch.stack([quantiles(c[:, j][keep[:, j]]) if bool(keep[:, j].any()) else whole
+                              for j in range(width)])  # (width, 2)
+        self.low.copy_(ranges[:, 0].reshape(self.low.shape))
+        self.high.copy_(ranges[:, 1].reshape(self.high.shape))
         self.fitted.fill_(True)
         return self
 
@@ -213,21 +257,34 @@ class CoefficientQuantizer(nn.Module):
 class TokenCodec:
     """Sparse codes <-> tokens in one flat vocabulary (see the module docstring) for K atoms, B bins and S slots.
 
-    ``vocab_size`` = K + B + 1, ``pad_id`` = K + B, ``tokens_per_site`` = 2S, ``bits_per_site`` = S (log2 K + log2 B).
+    ``vocab_size`` = K + B + 1, ``pad_id`` = K + B, ``tokens_per_site`` = 2S.
+
+    ``bits_per_site`` counts the distinct codes of S atoms and S bins: when a bin means the same level in every slot
+    (``ordered=False``, one coefficient range), the order of the slots carries nothing (the code decodes to the same
+    latent in any order, so a rate coder may sort it): the support is a set, log2 C(K, S) + S log2 B bits. When the
+    order is informative (``ordered=True``: per-slot ranges, a bin's level depends on its slot): log2 (K! / (K-S)!)
+    + S log2 B. ``support`` says which ("set" or "ordered"). Codes that stop early (pads) are not counted apart.
     """
 
-    def __init__(self, atoms: int, bins: int, sparsity: int) -> None:
+    def __init__(self, atoms: int, bins: int, sparsity: int, ordered: bool = False) -> None:
         for name, value, least in (("atoms", atoms, 1), ("bins", bins, 2), ("sparsity", sparsity, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-        self.atoms, self.bins, self.sparsity = atoms, bins, sparsity
+        if sparsity > atoms:
+            raise ValueError(f"sparsity must be <= atoms (S distinct atoms per site), got {sparsity} > {atoms}")
+        if not isinstance(ordered, bool):
+            raise TypeError(f"ordered must be True or False, got {ordered!r}")
+        self.atoms, self.bins, self.sparsity, self.ordered = atoms, bins, sparsity, ordered
         self.pad_id = atoms + bins
         self.vocab_size = atoms + bins + 1
         self.tokens_per_site = 2 * sparsity
-        self.bits_per_site = sparsity * (math.log2(atoms) + math.log2(bins))
+        self.support = "ordered" if ordered else "set"
+        supports = math.perm(atoms, sparsity) if ordered else math.comb(atoms, sparsity)
+        self.bits_per_site = math.log2(supports) + sparsity * math.log2(bins)
 
     def __repr__(self) -> str:
-        return f"TokenCodec(atoms={self.atoms}, bins={self.bins}, sparsity={self.sparsity})"
+        return (f"TokenCodec(atoms={self.atoms}, bins={self.bins}, sparsity={self.sparsity}"
+                f"{', ordered=True' if self.ordered else ''})")
 
     def encode(self, indices: Tensor, bins: Tensor) -> Tensor:
         """indices (..., S) int in [-1, K) (-1: unused slot, only after a site's last used one) and bins (..., S) int

@@ -95,7 +95,7 @@ def test_vq_and_dl_priors_train_with_one_code_path(runs):
     results = {kind: train_prior(runs[kind], PriorConfig(**PRIOR)) for kind in ("dl", "vq")}
     assert results["dl"].keys() == results["vq"].keys()
     assert results["dl"]["tokens_per_image"] == 16 * 4 and results["vq"]["tokens_per_image"] == 16
-    assert results["dl"]["bits_per_image"] == pytest.approx(16 * 2 * (4 + 2))
+    assert results["dl"]["bits_per_image"] == pytest.approx(16 * (math.log2(16 * 15 / 2) + 2 * 2))  # C(K, S) B^S
     assert results["vq"]["bits_per_image"] == pytest.approx(16 * 4)
     for kind, r in results.items():
         assert r["nll_bits_per_dim"] > 0 and math.isfinite(r["nll_bits_per_dim"]) and r["test_images"] == 8

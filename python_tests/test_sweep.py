@@ -1,6 +1,6 @@
 """lasers_ext.training.sweep: grids of short trainings and the rate-distortion comparison (``lasers rate-distortion``).
 
-Oracles: the bits-per-site formulas (S (log2 K + log2 B) for DL, log2 K for VQ), each cell's own eval.json and
+Oracles: the bits-per-site formulas (log2 C(K, S) + S log2 B for DL, log2 K for VQ), each cell's own eval.json and
 checkpoint, a hand-made equal-rate example, and the files the command promises, read back."""
 
 import json
@@ -34,13 +34,15 @@ def test_rate_distortion_grid_end_to_end_and_resume(tmp_path, no_pictures, capsy
         assert step == 2 and r["psnr"] == evaluation["psnr"] and r["perplexity"] == evaluation["perplexity"]
         if r["bottleneck"] == "DL":
             assert cfg.model == "dl-vae" and (cfg.sparsity, cfg.coeff_bins) == (r["S"], r["B"])
-            assert r["bits_per_site"] == pytest.approx(r["S"] * (math.log2(32) + math.log2(r["B"])))
+            # the support as a set: log2 C(K, S) + S log2 B
+            assert r["bits_per_site"] == pytest.approx(math.log2(math.comb(32, r["S"])) + r["S"] * math.log2(r["B"]))
             assert model.bottleneck.bits_per_site == pytest.approx(r["bits_per_site"])
         else:
             assert cfg.model == "vq-vae" and cfg.n_e == r["K"] and cfg.coeff_bins is None
             assert r["bits_per_site"] == pytest.approx(math.log2(r["K"]))
     table = (tmp_path / "rd" / "rate_distortion.md").read_text()
-    assert "| DL | 32 | 2 | 8 | 16.0 |" in table and "| VQ | 64 | 1 | - | 6.0 |" in table
+    # DL S=2, B=8: log2 C(32, 2) + 6 = log2 496 + 6
+    assert "| DL | 32 | 2 | 8 | 15.0 |" in table and "| VQ | 64 | 1 | - | 6.0 |" in table
     assert table.split("\n\n")[0] in capsys.readouterr().out
     assert json.loads((tmp_path / "rd" / "rate_distortion.json").read_text()) == json.loads(json.dumps(result))
     with Image.open(tmp_path / "rd" / "pictures" / "rate_distortion.png") as im:

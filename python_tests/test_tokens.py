@@ -125,7 +125,7 @@ def test_codec_round_trip_and_layout(gen, s):
     k, b = 37, 8
     codec = TokenCodec(k, b, s)
     assert (codec.vocab_size, codec.pad_id, codec.tokens_per_site) == (k + b + 1, k + b, 2 * s)
-    assert codec.bits_per_site == pytest.approx(s * (math.log2(k) + 3))
+    assert codec.bits_per_site == pytest.approx(math.log2(math.comb(k, s)) + 3 * s)  # the support as a set
     indices, bins = random_codes(gen, 500, k, b, s)
     tokens = codec.encode(indices, bins)
     assert tokens.shape == (500, 2 * s) and tokens.dtype == torch.int64
@@ -231,7 +231,8 @@ def test_real_model_stage2_pattern(gen):
 
 def test_bits_and_vocabulary_attributes():
     q = SparseDictBottleneck(512, 16, sparsity=5, coeff_bins=32)
-    assert (q.vocab_size, q.tokens_per_site, q.bits_per_site) == (512 + 32 + 1, 10, 5 * (9 + 5))
+    assert (q.vocab_size, q.tokens_per_site) == (512 + 32 + 1, 10)
+    assert q.bits_per_site == pytest.approx(math.log2(512 * 511 * 510 * 509 * 508 / 120) + 5 * 5)
     plain = SparseDictBottleneck(512, 16, sparsity=5)
     assert (plain.vocab_size, plain.tokens_per_site, plain.bits_per_site) == (None, None, None)
     vq = VectorQuantizer(1024, 16)
@@ -439,3 +440,82 @@ def test_encoded_random_codes_always_decode(gen):
 def test_codec_needs_two_bins(bins):
     with pytest.raises(ValueError, match="bins"):
         TokenCodec(10, bins, 2)
+
+
+# ------------------------------------------------------------------------------ issue 26: per-slot ranges and rate
+def test_rate_counts_the_support_as_a_set_or_in_order():
+    # K=4 atoms, B=2 bins, S=2 slots: by hand, a set of 2 of 4 atoms (6) times 2 bins each (4) = 24 codes; in order
+    # 4 * 3 = 12 supports, 48 codes
+    assert TokenCodec(4, 2, 2).bits_per_site == pytest.approx(math.log2(24))
+    assert TokenCodec(4, 2, 2, ordered=True).bits_per_site == pytest.approx(math.log2(48))
+    assert (TokenCodec(4, 2, 2).support, TokenCodec(4, 2, 2, ordered=True).support) == ("set", "ordered")
+    # brute force: distinct latents of generic atoms and shared levels = the set count
+    atoms, levels = torch.randn(4, 6, dtype=torch.float64), torch.tensor([0.3, -1.7], dtype=torch.float64)
+    codes = {tuple(torch.round((levels[b1] * atoms[a1] + levels[b2] * atoms[a2]) * 1e9).tolist())
+             for a1 in range(4) for a2 in range(4) if a1 != a2 for b1 in range(2) for b2 in range(2)}
+    assert len(codes) == 24
+    assert TokenCodec(512, 16, 1).bits_per_site == pytest.approx(13.0)  # S = 1: both counts are log2 K + log2 B
+    with pytest.raises(ValueError, match="sparsity must be <= atoms"):
+        TokenCodec(3, 4, 4)
+    q = SparseDictBottleneck(64, 8, sparsity=3, coeff_bins=16, coeff_per_slot=True)
+    assert q.codec.support == "ordered"
+    assert q.bits_per_site == pytest.approx(math.log2(64 * 63 * 62) + 12)
+
+
+def test_per_slot_levels_are_the_nearest_of_their_slot(gen):
+    q = CoefficientQuantizer(8, slots=3)
+    q.fit(torch.tensor([[-4.0, -1.0, 0.0], [4.0, 1.0, 0.5]]))
+    assert q.levels().shape == (3, 8)
+    np.testing.assert_allclose(q.levels().numpy(), np.stack([np.linspace(lo, hi, 8) for lo, hi in
+                                                             [(-4, 4), (-1, 1), (0, 0.5)]]), atol=1e-6)
+    c = torch.empty(2000, 3).uniform_(-5, 5, generator=gen)
+    got = q.quantize(c)
+    levels = q.levels().numpy()
+    for j in range(3):  # brute force per slot
+        err = np.abs(c[:, j].numpy()[:, None] - levels[j][None, :])
+        best = err.min(1)
+        assert np.all(np.abs(err[np.arange(2000), got[:, j].numpy()] - best) < 1e-5)
+    assert torch.equal(q.dequantize(got), torch.from_numpy(levels)[torch.arange(3), got])
+    with pytest.raises(ValueError, match="3 slots as their last dimension"):
+        q.quantize(torch.zeros(5, 2))
+    assert "slots=3" in repr(q)
+
+
+def test_per_slot_moving_average_by_hand():
+    q = CoefficientQuantizer(8, decay=0.5, slots=3)
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    q.observe(torch.tensor([[2.0, -1.0, 9.0], [-3.0, 5.0, 9.0]]), valid)
+    # slot 0 saw {2, -3}, slot 1 saw {-1}, slot 2 nothing: it takes the batch's whole range [-3, 2]
+    assert q.low.tolist() == [-3.0, -1.0, -3.0] and q.high.tolist() == [2.0, -1.0, 2.0]
+    assert q.fitted.tolist() == [True, True, True]
+    q.observe(torch.tensor([[1.0, 1.0, 4.0]]), torch.tensor([[False, True, True]]))
+    assert q.low.tolist() == [-3.0, 0.0, 0.5] and q.high.tolist() == [2.0, 0.0, 3.0]  # slot 0 unseen: unchanged
+
+
+def test_per_slot_fit_and_scheme_record(gen):
+    c = torch.randn(3000, 2, generator=gen) * torch.tensor([3.0, 0.5])
+    valid = torch.ones(3000, 2, dtype=torch.bool)
+    valid[:, 1] = False
+    q = CoefficientQuantizer(16, slots=2).fit(c, valid)
+    assert q.low[0].item() == pytest.approx(c[:, 0].min().item()) and q.high[0].item() == pytest.approx(
+        c[:, 0].max().item())
+    assert q.low[1].item() == q.low[0].item()  # a slot without data takes every slot's range
+    with pytest.raises(RuntimeError, match="a range per slot"):
+        CoefficientQuantizer(16).load_state_dict(q.state_dict())
+    other = CoefficientQuantizer(16, slots=2)
+    other.load_state_dict(q.state_dict())
+    assert torch.equal(other.levels(), q.levels())
+
+
+@pytest.mark.parametrize("sparsity, patch, mode", [(2, 1, "uniform"), (4, 2, "mulaw")])
+def test_per_slot_bottleneck_round_trip_is_exact(gen, sparsity, patch, mode):
+    q = trained_bottleneck(gen, sparsity, patch, mode, coeff_per_slot=True)
+    assert q.coeff_quantizer.low.shape == (sparsity,)
+    z = torch.randn(2, 4, 4, 8, generator=gen)
+    z_q, _, info = q(z)
+    assert torch.equal(q.get_codebook_entry(info[2].reshape(-1), (2, 4, 8, 4)), z_q)
+    idx, bins = q.codec.decode(info[2].reshape(-1, 2 * sparsity))
+    levels = q.coeff_quantizer.levels()  # (S, B)
+    used = idx >= 0
+    slot = torch.arange(sparsity).expand_as(idx)
+    assert torch.equal(info.coeffs.reshape(-1, sparsity)[used], levels[slot[used], bins[used]])

@@ -19,7 +19,7 @@ __all__ = ["MODELS", "ARCHITECTURE", "RESUMABLE", "TrainConfig", "option", "chec
 MODELS = ("dl-vae", "dl-gan", "vq-vae", "vq-gan")
 # Fields that fix the saved tensors or the objective: a checkpoint resumes only under the same values.
 ARCHITECTURE = ("model", "hidden", "res_hidden", "n_res_blocks", "n_e", "e_dim", "sparsity",
-                 "patch_size", "ndf", "disc_layers", "coeff_bins", "coeff_quant", "legacy_weighting")
+                 "patch_size", "ndf", "disc_layers", "coeff_bins", "coeff_quant", "legacy_weighting", "coeff_per_slot")
 # Fields a resumed run may change (honoured from the resumed step on, recorded in config.json): the budget, the
 # learning rates, where the data lies, and bookkeeping. Every other field fixes what is trained.
 RESUMABLE = ("out", "steps", "lr", "disc_lr", "data_root", "workers", "device", "amp", "backend", "log_every",
@@ -108,6 +108,16 @@ class TrainConfig:
                                   "tokens (default: real coefficients)")
     coeff_quant: str = option("uniform", "DL only: coefficient levels with --coeff-bins: uniform or mulaw",
                             choices=("uniform", "mulaw"))
+    coeff_per_slot: bool = option(False, "DL only: one coefficient range per slot (selection depth) with --coeff-bins; "
+                                "the slot order then counts in the bits per site")
+    gradient: str = option("straight_through", "DL only: the encoder's gradient: straight_through, exact (least "
+                         "squares on the chosen atoms) or rotation (the rotation trick)",
+                         choices=("straight_through", "exact", "rotation"))
+    dict_init: str = option("random", "DL only: the dictionary's start: random (Gaussian, the paper's), sample (latent "
+                          "vectors of the first training batch) or kmeans (k-means++ and spherical k-means on them)",
+                          choices=("random", "sample", "kmeans"))
+    restart_window: int | None = option(None, "DL only: replace an atom unused for this many training steps by the "
+                                      "batch's worst-coded latent vector (default: no restarts)")
     ema_decay: float = option(0.99, "VQ only: EMA decay of the codebook")
     backend: str = option("auto", "DL only: Batch-OMP backend (auto, cpu, cuda, triton, reference)")
     dictionary_update: str = option("gradient", "DL only: 'gradient' (the optimiser learns the dictionary, codes held "
@@ -172,6 +182,11 @@ class TrainConfig:
         if self.kind == "dl" and self.sparsity > min(self.n_e, self.e_dim * self.patch_size ** 2):
             raise ValueError(f"sparsity must be <= min(n_e, e_dim * patch_size^2) = "
                              f"{min(self.n_e, self.e_dim * self.patch_size ** 2)}, got {self.sparsity}")
+        if self.restart_window is not None and self.restart_window < 1:
+            raise ValueError(f"restart_window must be None or >= 1, got {self.restart_window}")
+        if self.kind == "dl" and self.gradient == "exact" and self.dictionary_update == "online":
+            raise ValueError("gradient exact trains the dictionary by gradients; it does not combine with "
+                             "dictionary_update online")
         if self.coeff_bins is not None and self.coeff_bins < 2:
             raise ValueError(f"coeff_bins must be None or >= 2, got {self.coeff_bins}")
         if self.fid_images == 1:
@@ -201,5 +216,13 @@ def build_model(cfg: TrainConfig, in_channels: int) -> Autoencoder:
                              beta=cfg.beta, patch_size=cfg.patch_size, backend=cfg.backend,
                              ema_decay=cfg.ema_decay, dictionary_update=cfg.dictionary_update,
                              coeff_bins=cfg.coeff_bins if cfg.kind == "dl" else None, coeff_quant=cfg.coeff_quant,
-                             legacy=cfg.legacy_weighting)
+                             legacy=cfg.legacy_weighting, **_dl_options(cfg))
+
+
+def _dl_options(cfg: TrainConfig) -> dict:
+    """The bottleneck levers of a DL configuration (none for VQ)."""
+    if cfg.kind != "dl":
+        return {}
+    return {"gradient": cfg.gradient, "init": cfg.dict_init, "restart_window": cfg.restart_window,
+            "coeff_per_slot": cfg.coeff_per_slot}
 

@@ -2,7 +2,8 @@
 
 ``lasers rate-distortion --out runs/rd`` trains DL-VAEs with quantised coefficients (sparsity S x coefficient bins B)
 and VQ-VAEs (codebook size K) on the same data and budget, then draws reconstruction PSNR against bits per latent
-site: S (log2 K + log2 B) for DL, log2 K for VQ.
+site: the DL codec's count (``TokenCodec.bits_per_site``: log2 C(K, S) + S log2 B, the support as a set; in order
+with per-slot ranges), log2 K for VQ.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..tokens import TokenCodec
 from . import plots
 from .config import TrainConfig
 from .loop import train
@@ -122,7 +124,7 @@ def rate_distortion(base: TrainConfig, *, sparsities: Sequence[int] = RD_DEFAULT
             name = f"dl-s{s}-b{b}"
             cells.append((name, {"model": "dl-vae", "sparsity": s, "coeff_bins": b}))
             meta[name] = {"bottleneck": "DL", "K": base.n_e, "S": s, "B": b,
-                          "bits_per_site": s * (math.log2(base.n_e) + math.log2(b))}
+                          "bits_per_site": TokenCodec(base.n_e, b, s, ordered=base.coeff_per_slot).bits_per_site}
     for k in codebooks:
         name = f"vq-k{k}"
         cells.append((name, {"model": "vq-vae", "n_e": k, "coeff_bins": None}))
