@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "paper's Table 1 columns side by side")
     p.add_argument("--gan", action="store_true", help="compare VQ-GAN with DL-GAN instead of VQ-VAE with DL-VAE")
     p.add_argument("--models", type=lambda s: [v for v in s.split(",") if v], default=None,
-                   help="models to compare instead, e.g. vq-vae,dl-vae,vq-gan,dl-gan (the paper's Figure 11)")
-    p.add_argument("--stage2", action="store_true", help="then train a prior over each model's tokens (the DL model "
+                   help="models to compare instead, e.g. vq-vae,dl-vae,vq-gan,dl-gan (the paper's Figure 11) or "
+                   "dl-vae,vqp-vae,rvq-vae,fsq-vae,lfq-vae (the strong peers)")
+    p.add_argument("--stage2", action="store_true", help="then train a prior over each model's tokens (a DL model "
                    "with --coeff-bins, 16 unless given) and compare NLL, sample FID and cost")
     _add_config_options(p, **COMPARE_DEFAULTS)
     _add_prior_options(p, flags_prefix=True)
@@ -269,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             if result:
                 print(format_results_table({result["model"]: result}))
         elif args.command == "compare":
-            if args.stage2 and (args.gan or args.models):
-                raise ValueError("--stage2 compares VQ-VAE with DL-VAE; leave out --gan and --models")
+            if args.stage2 and args.gan:
+                raise ValueError("--stage2 compares VQ-VAE with DL-VAE (or --models); leave out --gan")
             if args.stage2:
-                compare_stage2(_config_from(args, **COMPARE_DEFAULTS), _prior_config_from(args))
+                compare_stage2(_config_from(args, **COMPARE_DEFAULTS), _prior_config_from(args), models=args.models)
             else:
                 compare(_config_from(args, **COMPARE_DEFAULTS), gan=args.gan, models=args.models)
         elif args.command == "prior":
