@@ -107,7 +107,8 @@ class Decoder(nn.Module):
 
 
 class Autoencoder(nn.Module):
-    """Encoder -> bottleneck -> decoder; ``kind`` is "dl" (SparseDictBottleneck) or "vq" (VectorQuantizer).
+    """Encoder -> bottleneck -> decoder; ``kind`` is "dl" (SparseDictBottleneck), "vq" (VectorQuantizer) or the
+    ``kind`` of another bottleneck with their contract.
 
     The latent width ``embed_dim`` is ``bottleneck.e_dim``. Images are (B, in_channels, H, W) with H and W multiples
     of 4 (times the DL bottleneck's patch size); the reconstruction has the same shape.
@@ -120,9 +121,12 @@ class Autoencoder(nn.Module):
             self.kind = "dl"
         elif isinstance(bottleneck, VectorQuantizer):
             self.kind = "vq"
+        elif isinstance(bottleneck, nn.Module) and isinstance(getattr(bottleneck, "kind", None), str) \
+                and isinstance(getattr(bottleneck, "e_dim", None), int):
+            self.kind = bottleneck.kind  # another quantizer with the same contract (e.g. the training tool's peers)
         else:
-            raise TypeError(f"bottleneck must be a SparseDictBottleneck or a VectorQuantizer, "
-                            f"got {type(bottleneck).__name__}")
+            raise TypeError(f"bottleneck must be a SparseDictBottleneck, a VectorQuantizer or a module with their "
+                            f"contract (a str `kind` and an int `e_dim`), got {type(bottleneck).__name__}")
         self.in_channels = in_channels
         embed_dim = bottleneck.e_dim
         self.encoder = Encoder(in_channels, hidden, res_hidden, n_res_blocks, embed_dim)

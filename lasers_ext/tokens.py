@@ -358,23 +358,44 @@ class TokenGrammar:
     """Which ids may come next in a sequence of sites, for a prior that must only produce decodable sequences.
 
     For DL tokens (``codec`` given): at a site's even positions an atom id or the pad, at its odd positions a bin id,
-    and only pads after a pad inside the site. For VQ indices (``codec`` None): any of the ``vocab_size`` ids.
+    and only pads after a pad inside the site. With ``ranges`` (one (first id, end id) pair per position of a site,
+    e.g. the stages of a residual quantizer): the ids of that position's range. Otherwise (VQ indices): any of the
+    ``vocab_size`` ids.
     """
 
-    def __init__(self, vocab_size: int, tokens_per_site: int, codec: TokenCodec | None = None) -> None:
-        self.vocab_size, self.tokens_per_site, self.codec = vocab_size, tokens_per_site, codec
+    def __init__(self, vocab_size: int, tokens_per_site: int, codec: TokenCodec | None = None,
+                 ranges: tuple[tuple[int, int], ...] | None = None) -> None:
+        if ranges is not None and (len(ranges) != tokens_per_site or codec is not None
+                                   or any(not 0 <= lo < hi <= vocab_size for lo, hi in ranges)):
+            raise ValueError(f"ranges must hold one (first, end) pair within [0, {vocab_size}] per token of a site "
+                             f"({tokens_per_site}), without a codec; got {ranges!r}")
+        if ranges is not None and all(r == (0, vocab_size) for r in ranges):
+            ranges = None  # every id everywhere
+        self.vocab_size, self.tokens_per_site, self.codec, self.ranges = vocab_size, tokens_per_site, codec, ranges
 
     @classmethod
     def of(cls, bottleneck) -> TokenGrammar:
-        """The grammar of a quantizer's tokens (SparseDictBottleneck with ``coeff_bins`` or VectorQuantizer)."""
+        """The grammar of a quantizer's tokens (SparseDictBottleneck with ``coeff_bins``, VectorQuantizer, or any
+        quantizer with ``vocab_size``, ``tokens_per_site`` and per-position ``token_ranges``)."""
         if bottleneck.vocab_size is None:
             raise ValueError("this bottleneck has no tokens: build SparseDictBottleneck with coeff_bins (lasers train "
                              "--coeff-bins B) to model its codes with a prior")
-        return cls(bottleneck.vocab_size, bottleneck.tokens_per_site, getattr(bottleneck, "codec", None))
+        return cls(bottleneck.vocab_size, bottleneck.tokens_per_site, getattr(bottleneck, "codec", None),
+                   getattr(bottleneck, "token_ranges", None))
+
+    def _range_mask(self, device: torch.device) -> Tensor:
+        """(tokens_per_site, vocab_size) bool: the ids of each position's range."""
+        ids = torch.arange(self.vocab_size, device=device)
+        lo = torch.tensor([a for a, _ in self.ranges], device=device)
+        hi = torch.tensor([b for _, b in self.ranges], device=device)
+        return (ids >= lo[:, None]) & (ids < hi[:, None])
 
     def allowed(self, prev: Tensor, position: Tensor) -> Tensor | None:
         """Mask of the ids allowed at sequence ``position`` (T,) given the token just before it, ``prev`` (..., T)
         (any value where position is 0): bool (..., T, vocab_size), or None when every id is always allowed."""
+        if self.ranges is not None:
+            mask = self._range_mask(prev.device)[position % self.tokens_per_site]  # (T, V)
+            return mask.expand(*prev.shape, self.vocab_size)
         if self.codec is None:
             return None
         c = self.codec
@@ -394,5 +415,10 @@ class TokenGrammar:
                              f"site, got {tuple(tokens.shape)}")
         if self.codec is not None:
             self.codec.decode(tokens.reshape(tokens.shape[0], -1, self.tokens_per_site))
+        elif self.ranges is not None and tokens.numel():
+            sites = tokens.reshape(-1, self.tokens_per_site)
+            inside = self._range_mask(tokens.device).gather(1, sites.T.long().clamp(0, self.vocab_size - 1)).T
+            if not (bool(inside.all()) and 0 <= int(tokens.min()) and int(tokens.max()) < self.vocab_size):
+                raise ValueError(f"token ids must lie in their position's range {list(self.ranges)}")
         elif tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < self.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.vocab_size})")

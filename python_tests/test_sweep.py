@@ -25,26 +25,30 @@ def no_pictures(monkeypatch):
 
 def test_rate_distortion_grid_end_to_end_and_resume(tmp_path, no_pictures, capsys, monkeypatch):
     base = TrainConfig(**TINY, out=str(tmp_path / "rd"))
-    result = sweep.rate_distortion(base, sparsities=[1, 2], bins=[4, 8], codebooks=[8, 64])
+    grid = dict(families=["dl", "vq"], sparsities=[1, 2], bins=[4, 8], codebooks=[8, 64])
+    result = sweep.rate_distortion(base, **grid)
     rows = {r["cell"]: r for r in result["rows"]}
-    assert set(rows) == {"dl-s1-b4", "dl-s1-b8", "dl-s2-b4", "dl-s2-b8", "vq-k8", "vq-k64"}
+    assert set(rows) == {"dl-k32-s1-b4", "dl-k32-s1-b8", "dl-k32-s2-b4", "dl-k32-s2-b8", "vq-k8", "vq-k64"}
     for name, r in rows.items():
         cfg, model, step = load_run(tmp_path / "rd" / name)
         evaluation = json.loads((tmp_path / "rd" / name / "eval.json").read_text())
         assert step == 2 and r["psnr"] == evaluation["psnr"] and r["perplexity"] == evaluation["perplexity"]
-        if r["bottleneck"] == "DL":
-            assert cfg.model == "dl-vae" and (cfg.sparsity, cfg.coeff_bins) == (r["S"], r["B"])
+        assert r["psnr_std"] == 0 and r["seeds"] == 1 and r["seconds_per_step"] > 0
+        if r["family"] == "dl":
+            assert cfg.model == "dl-vae" and r["config"] == f"K=32 S={cfg.sparsity} B={cfg.coeff_bins}"
             # the support as a set: log2 C(K, S) + S log2 B
-            assert r["bits_per_site"] == pytest.approx(math.log2(math.comb(32, r["S"])) + r["S"] * math.log2(r["B"]))
+            assert r["bits_per_site"] == pytest.approx(math.log2(math.comb(32, cfg.sparsity))
+                                                       + cfg.sparsity * math.log2(cfg.coeff_bins))
             assert model.bottleneck.bits_per_site == pytest.approx(r["bits_per_site"])
         else:
-            assert cfg.model == "vq-vae" and cfg.n_e == r["K"] and cfg.coeff_bins is None
-            assert r["bits_per_site"] == pytest.approx(math.log2(r["K"]))
+            assert cfg.model == "vq-vae" and r["config"] == f"K={cfg.n_e}" and cfg.coeff_bins is None
+            assert r["bits_per_site"] == pytest.approx(math.log2(cfg.n_e))
     table = (tmp_path / "rd" / "rate_distortion.md").read_text()
-    # DL S=2, B=8: log2 C(32, 2) + 6 = log2 496 + 6
-    assert "| DL | 32 | 2 | 8 | 15.0 |" in table and "| VQ | 64 | 1 | - | 6.0 |" in table
-    assert table.split("\n\n")[0] in capsys.readouterr().out
-    assert json.loads((tmp_path / "rd" / "rate_distortion.json").read_text()) == json.loads(json.dumps(result))
+    assert "| DL (Batch-OMP) | K=32 S=2 B=8 | 14.95 |" in table
+    assert "| VQ (EMA, the paper's baseline) | K=64 | 6.00 |" in table
+    assert table.split("\n\n")[1] in capsys.readouterr().out
+    assert json.loads((tmp_path / "rd" / "rate_distortion.json").read_text())["rows"] == json.loads(
+        json.dumps(result["rows"]))
     with Image.open(tmp_path / "rd" / "pictures" / "rate_distortion.png") as im:
         assert im.format == "PNG" and im.width > 100
 
@@ -52,26 +56,29 @@ def test_rate_distortion_grid_end_to_end_and_resume(tmp_path, no_pictures, capsy
         raise AssertionError(f"{cfg.out} was finished and must not train again")
 
     monkeypatch.setattr(sweep, "train", no_training)
-    again = sweep.rate_distortion(base, sparsities=[1, 2], bins=[4, 8], codebooks=[8, 64])
+    again = sweep.rate_distortion(base, **grid)
     assert again == result
     # a longer budget resumes the finished cells (here: one cell) from their checkpoints
     resumed = []
     monkeypatch.setattr(sweep, "train", lambda cfg, **kw: resumed.append(cfg) or train(cfg))
-    longer = sweep.rate_distortion(TrainConfig(**{**TINY, "steps": 3}, out=str(tmp_path / "rd")), sparsities=[1],
-                                   bins=[4], codebooks=[8])
-    assert [c.out for c in resumed] == [str(tmp_path / "rd" / n) for n in ("dl-s1-b4", "vq-k8")]
+    longer = sweep.rate_distortion(TrainConfig(**{**TINY, "steps": 3}, out=str(tmp_path / "rd")), families=["dl", "vq"],
+                                   sparsities=[1], bins=[4], codebooks=[8])
+    assert [c.out for c in resumed] == [str(tmp_path / "rd" / n) for n in ("dl-k32-s1-b4", "vq-k8")]
     assert {r["step"] for r in longer["rows"]} == {3}
 
 
 def test_rate_matched_by_hand():
-    rows = [{"cell": "dl-a", "bottleneck": "DL", "bits_per_site": 12.0, "psnr": 20.0},
-            {"cell": "dl-b", "bottleneck": "DL", "bits_per_site": 24.0, "psnr": 19.0},
-            {"cell": "vq-a", "bottleneck": "VQ", "bits_per_site": 6.0, "psnr": 15.0},
-            {"cell": "vq-b", "bottleneck": "VQ", "bits_per_site": 12.0, "psnr": 21.0}]
-    matched = sweep.rate_matched(rows)
-    # 6 bits: no DL point; 12: DL 20 vs VQ 21; 24: DL's best within 24 bits is still dl-a (the envelope)
-    assert [(m["bits_per_site"], m["dl"], m["vq"], m["difference"]) for m in matched] == [
-        (12.0, "dl-a", "vq-b", -1.0), (24.0, "dl-a", "vq-b", -1.0)]
+    rows = [{"cell": "dl-a", "family": "dl", "bits_per_site": 12.0, "psnr": 20.0},
+            {"cell": "dl-b", "family": "dl", "bits_per_site": 24.0, "psnr": 19.0},
+            {"cell": "vq-a", "family": "vq", "bits_per_site": 6.0, "psnr": 15.0},
+            {"cell": "vq-b", "family": "vq", "bits_per_site": 12.0, "psnr": 21.0},
+            {"cell": "fsq-a", "family": "fsq", "bits_per_site": 23.9, "psnr": 22.0}]
+    matched = sweep.rate_matched(rows, budgets=[6, 12, 24])
+    # 6 bits: VQ alone; 12: DL 20 vs VQ 21; 24: DL's best within 24 bits is still dl-a (the envelope), FSQ wins
+    summary = [(m["budget"], {f: b["cell"] for f, b in m["best"].items()}, m["winner"]) for m in matched]
+    assert summary == [(6, {"vq": "vq-a"}, "vq"), (12, {"dl": "dl-a", "vq": "vq-b"}, "vq"),
+                       (24, {"dl": "dl-a", "vq": "vq-b", "fsq": "fsq-a"}, "fsq")]
+    assert matched[2]["best"]["dl"]["psnr"] == 20.0 and matched[1]["best"]["vq"]["bits_per_site"] == 12.0
 
 
 @pytest.mark.parametrize(("flags", "expected"), [
@@ -79,6 +86,8 @@ def test_rate_matched_by_hand():
     (["--sparsities", "0"], "sparsities must be a non-empty list"),
     (["--bins", "1"], "bins must be a non-empty list of ints >= 2"),
     (["--codebooks", ""], "codebooks must be a non-empty list"),
+    (["--families", "dl,pq"], "families must be a non-empty list of dl, vq, vqp, rvq, fsq, lfq"),
+    (["--seeds", "-1"], "seeds must be a non-empty list of ints >= 0"),
     (["--sparsities", "9"], "sparsities must be <="),
 ])
 def test_cli_rate_distortion_bad_grids_exit_2(tmp_path, capsys, flags, expected):

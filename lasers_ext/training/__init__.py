@@ -2,6 +2,7 @@
 
 Modules, by concept (each imports only those above it in this list, and the library ``lasers_ext``):
     tasks, data, metrics, plots, distributed   the pieces: downstream tasks, data sets, metrics, pictures, torchrun
+    peers      vector-quantize-pytorch's VectorQuantize, ResidualVQ, FSQ and LFQ behind the quantizer contract
     config     MODELS, TrainConfig (every field a ``lasers train`` flag), the model and data of a configuration
     runs       a run directory: atomic writes, metrics records, checkpoints (TrainState), load_run
     evaluation the paper's metrics on a test split, the run's pictures, the results table

@@ -4,7 +4,7 @@
     lasers train --model dl-gan --data cifar10 --data-root ~/data/cifar-10-batches-py --out runs/dlgan
     lasers eval runs/dlgan --fid-images 1000
     lasers reconstruct runs/dlgan photo1.png photo2.png --out recon.png
-    lasers rate-distortion --out runs/rd --steps 600  # PSNR against bits per site, DL (S x bins) vs VQ (K)
+    lasers rate-distortion --out runs/rd --seeds 0,1,2  # PSNR against bits per site: DL, VQ and the strong peers
     lasers sweep --out runs/sweep --steps 600          # the paper's ablations: K (Table 4) and S (Table 5)
     lasers prior train runs/dl --steps 2000           # stage 2: a transformer over a run's tokens
     lasers sample runs/dl --n 64                      # samples of that prior, decoded to an image grid
@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "paper's Table 1 columns side by side")
     p.add_argument("--gan", action="store_true", help="compare VQ-GAN with DL-GAN instead of VQ-VAE with DL-VAE")
     p.add_argument("--models", type=lambda s: [v for v in s.split(",") if v], default=None,
-                   help="models to compare instead, e.g. vq-vae,dl-vae,vq-gan,dl-gan (the paper's Figure 11)")
-    p.add_argument("--stage2", action="store_true", help="then train a prior over each model's tokens (the DL model "
+                   help="models to compare instead, e.g. vq-vae,dl-vae,vq-gan,dl-gan (the paper's Figure 11) or "
+                   "dl-vae,vqp-vae,rvq-vae,fsq-vae,lfq-vae (the strong peers)")
+    p.add_argument("--stage2", action="store_true", help="then train a prior over each model's tokens (a DL model "
                    "with --coeff-bins, 16 unless given) and compare NLL, sample FID and cost")
     _add_config_options(p, **COMPARE_DEFAULTS)
     _add_prior_options(p, flags_prefix=True)
@@ -163,12 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="output PNG (default: RUN/prior/samples-<seed>.png)")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
 
-    p = sub.add_parser("rate-distortion", help="train a grid of short DL-VAE (sparsity x coefficient bins) and VQ-VAE "
-                       "(codebook size) runs and plot PSNR against bits per latent site")
-    p.add_argument("--sparsities", type=_int_list, default=[1, 2, 3, 5], help="DL sparsities S (default: 1,2,3,5)")
-    p.add_argument("--bins", type=_int_list, default=[8, 16, 32], help="DL coefficient bins B (default: 8,16,32)")
-    p.add_argument("--codebooks", type=_int_list, default=[64, 256, 1024, 4096],
-                   help="VQ codebook sizes K (default: 64,256,1024,4096); DL uses --n-e atoms")
+    p = sub.add_parser("rate-distortion", help="train a grid of short runs of every bottleneck family (DL, the "
+                       "paper's VQ, vector-quantize-pytorch's VectorQuantize, ResidualVQ, FSQ, LFQ) at matched rates, "
+                       "over seeds, and plot PSNR against bits per latent site")
+    p.add_argument("--families", type=lambda s: [v for v in s.split(",") if v], default=None,
+                   help="families to train (default: dl,vq,vqp,rvq,fsq,lfq)")
+    p.add_argument("--seeds", type=_int_list, default=None,
+                   help="seeds of every cell, e.g. 0,1,2: mean and standard deviation in the table, error bars in the "
+                   "plot (default: --seed alone)")
+    p.add_argument("--sparsities", type=_int_list, default=None,
+                   help="DL sparsities S: DL's cells become S x --bins at --n-e atoms (default: the matched-rate grid)")
+    p.add_argument("--bins", type=_int_list, default=None,
+                   help="DL coefficient bins B (with --sparsities; default 8,16,32 when only --sparsities is given)")
+    p.add_argument("--codebooks", type=_int_list, default=None,
+                   help="VQ codebook sizes K: VQ's cells (default: the matched-rate grid, K = 1024 and 8192)")
     _add_config_options(p, **RD_DEFAULTS)
 
     p = sub.add_parser("sweep", help="the paper's ablations: DL-VAE and VQ-VAE over dictionary sizes K at one "
@@ -269,10 +278,10 @@ def main(argv: list[str] | None = None) -> int:
             if result:
                 print(format_results_table({result["model"]: result}))
         elif args.command == "compare":
-            if args.stage2 and (args.gan or args.models):
-                raise ValueError("--stage2 compares VQ-VAE with DL-VAE; leave out --gan and --models")
+            if args.stage2 and args.gan:
+                raise ValueError("--stage2 compares VQ-VAE with DL-VAE (or --models); leave out --gan")
             if args.stage2:
-                compare_stage2(_config_from(args, **COMPARE_DEFAULTS), _prior_config_from(args))
+                compare_stage2(_config_from(args, **COMPARE_DEFAULTS), _prior_config_from(args), models=args.models)
             else:
                 compare(_config_from(args, **COMPARE_DEFAULTS), gan=args.gan, models=args.models)
         elif args.command == "prior":
@@ -286,10 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             plots.save_image_grid(images, out)
             print(f"wrote {out} ({args.n} samples)")
         elif args.command == "rate-distortion":
-            from .sweep import rate_distortion
+            from .sweep import FAMILIES, rate_distortion
 
-            rate_distortion(_config_from(args, **RD_DEFAULTS), sparsities=args.sparsities, bins=args.bins,
-                            codebooks=args.codebooks)
+            rate_distortion(_config_from(args, **RD_DEFAULTS), families=args.families or tuple(FAMILIES),
+                            seeds=args.seeds, sparsities=args.sparsities, bins=args.bins, codebooks=args.codebooks)
         elif args.command == "sweep":
             from .sweep import ablation
 

@@ -11,15 +11,18 @@ import torch
 
 from ..models import Autoencoder, build_autoencoder
 from .data import build_dataset
+from .peers import PEER_KINDS, build_peer, lfq_codebook_size, parse_levels
 from .tasks import TASKS
 
 __all__ = ["MODELS", "ARCHITECTURE", "RESUMABLE", "TrainConfig", "option", "check_choices", "config_from_dict",
            "resolve_device", "build_model", "run_dataset"]
 
-MODELS = ("dl-vae", "dl-gan", "vq-vae", "vq-gan")
+# DL, the paper's VQ baseline, and the strong peers of vector-quantize-pytorch (see .peers)
+MODELS = ("dl-vae", "dl-gan", "vq-vae", "vq-gan", *(f"{k}-{v}" for k in PEER_KINDS for v in ("vae", "gan")))
 # Fields that fix the saved tensors or the objective: a checkpoint resumes only under the same values.
 ARCHITECTURE = ("model", "hidden", "res_hidden", "n_res_blocks", "n_e", "e_dim", "sparsity",
-                 "patch_size", "ndf", "disc_layers", "coeff_bins", "coeff_quant", "legacy_weighting", "coeff_per_slot")
+                 "patch_size", "ndf", "disc_layers", "coeff_bins", "coeff_quant", "legacy_weighting", "coeff_per_slot",
+                 "rvq_quantizers", "fsq_levels", "lfq_bits", "lfq_groups")
 # Fields a resumed run may change (honoured from the resumed step on, recorded in config.json): the budget, the
 # learning rates, where the data lies, and bookkeeping. Every other field fixes what is trained.
 RESUMABLE = ("out", "steps", "lr", "disc_lr", "data_root", "workers", "device", "amp", "backend", "log_every",
@@ -78,7 +81,9 @@ class TrainConfig:
     """Everything a run needs. Every field is also a command-line flag (``--batch-size`` for ``batch_size``)."""
 
     model: str = option("dl-vae", "dl-vae, dl-gan (dictionary learning, Batch-OMP), vq-vae, vq-gan (EMA vector "
-                      "quantiser)", choices=MODELS)
+                      "quantiser, the paper's baseline), and vector-quantize-pytorch's quantizers: vqp-vae/-gan "
+                      "(VectorQuantize, k-means init, dead-code restarts), rvq-vae/-gan (ResidualVQ), fsq-vae/-gan "
+                      "(FSQ), lfq-vae/-gan (LFQ)", choices=MODELS)
     out: str = option("runs/dl-vae", "run directory (config, metrics, checkpoint, pictures); an existing checkpoint "
                     "there is resumed")
     # data
@@ -119,6 +124,15 @@ class TrainConfig:
     restart_window: int | None = option(None, "DL only: replace an atom unused for this many training steps by the "
                                       "batch's worst-coded latent vector (default: no restarts)")
     ema_decay: float = option(0.99, "VQ only: EMA decay of the codebook")
+    # the strong peers (vector-quantize-pytorch); vqp and rvq take K from --n-e and their codeword width from --e-dim
+    rvq_quantizers: int = option(3, "rvq only: residual stages Q (Q log2 K bits per site)")
+    fsq_levels: str = option("8,5,5,5", "fsq only: levels per latent channel, comma-separated ints >= 3 (the latent "
+                           "has one channel per level; sum of log2 levels bits per site)")
+    lfq_bits: int = option(10, "lfq only: bits per site = latent channels (each coded by its sign)")
+    lfq_groups: int = option(1, "lfq only: groups the bits are split into (LFQ's codebooks, at most 16 bits each)")
+    peer_decay: float = option(0.8, "vqp/rvq only: EMA decay of vector-quantize-pytorch's codebooks (its default)")
+    peer_kmeans: bool = option(True, "vqp/rvq only: k-means initialisation of the codebook on the first batch")
+    peer_dead_code: float = option(2.0, "vqp/rvq only: restart codewords whose EMA usage falls below this (0: off)")
     backend: str = option("auto", "DL only: Batch-OMP backend (auto, cpu, cuda, triton, reference)")
     dictionary_update: str = option("gradient", "DL only: 'gradient' (the optimiser learns the dictionary, codes held "
                                   "fixed) or 'online' (the paper's learning-rate-free update, supplementary section "
@@ -149,8 +163,15 @@ class TrainConfig:
 
     @property
     def kind(self) -> str:
-        """'dl' or 'vq'."""
+        """'dl', 'vq' or a peer's kind ('vqp', 'rvq', 'fsq', 'lfq')."""
         return self.model.split("-")[0]
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent: e_dim, or FSQ's levels / LFQ's bits, which fix their own."""
+        if self.kind == "fsq":
+            return len(parse_levels(self.fsq_levels))
+        return self.lfq_bits if self.kind == "lfq" else self.e_dim
 
     @property
     def gan(self) -> bool:
@@ -191,7 +212,21 @@ class TrainConfig:
             raise ValueError(f"coeff_bins must be None or >= 2, got {self.coeff_bins}")
         if self.fid_images == 1:
             raise ValueError("fid_images must be 0 (off) or >= 2")
+        self._validate_peer()
         return self
+
+    def _validate_peer(self) -> None:
+        """The peers' options (all of them, whatever the model, so a configuration file is checked whole)."""
+        parse_levels(self.fsq_levels)
+        lfq_codebook_size(self.lfq_bits, self.lfq_groups)
+        if self.rvq_quantizers < 1:
+            raise ValueError(f"rvq_quantizers must be >= 1, got {self.rvq_quantizers}")
+        if not (0 <= self.peer_decay < 1):
+            raise ValueError(f"peer_decay must be in [0, 1), got {self.peer_decay}")
+        if not (self.peer_dead_code >= 0 and math.isfinite(self.peer_dead_code)):
+            raise ValueError(f"peer_dead_code must be a finite number >= 0, got {self.peer_dead_code}")
+        if self.kind in ("vqp", "rvq") and self.n_e < 2:
+            raise ValueError(f"n_e (the codebook size K of {self.kind}) must be >= 2, got {self.n_e}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -211,6 +246,12 @@ def run_dataset(cfg: TrainConfig, split: str):
 
 def build_model(cfg: TrainConfig, in_channels: int) -> Autoencoder:
     """The autoencoder of ``cfg`` (weights drawn from the current torch RNG)."""
+    if cfg.kind in PEER_KINDS:
+        peer = build_peer(cfg.kind, e_dim=cfg.e_dim, n_e=cfg.n_e, beta=cfg.beta, decay=cfg.peer_decay,
+                          kmeans_init=cfg.peer_kmeans, threshold_ema_dead_code=cfg.peer_dead_code,
+                          rvq_quantizers=cfg.rvq_quantizers, fsq_levels=cfg.fsq_levels, lfq_bits=cfg.lfq_bits,
+                          lfq_groups=cfg.lfq_groups)
+        return Autoencoder(peer, in_channels, cfg.hidden, cfg.res_hidden, cfg.n_res_blocks)
     return build_autoencoder(cfg.kind, in_channels=in_channels, hidden=cfg.hidden, res_hidden=cfg.res_hidden,
                              n_res_blocks=cfg.n_res_blocks, n_e=cfg.n_e, e_dim=cfg.e_dim, sparsity=cfg.sparsity,
                              beta=cfg.beta, patch_size=cfg.patch_size, backend=cfg.backend,

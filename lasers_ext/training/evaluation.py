@@ -131,7 +131,12 @@ def run_pictures(model: Autoencoder, test_set, out: Path, device: torch.device, 
     records = [r for r in read_records(out / "metrics.jsonl") if r["kind"] == "train"]
     if records:
         plots.plot_training_curves({out.name: records}, pictures / "curves.png")
-    atoms = model.bottleneck.embedding.weight.detach().float().cpu()
+    # a peer's explicit codewords (vqp, rvq), none for an implicit codebook (fsq, lfq)
+    embedding = getattr(model.bottleneck, "embedding", None)
+    atoms = embedding.weight.detach() if embedding is not None else model.bottleneck.codewords()
+    if atoms is None:
+        return
+    atoms = atoms.float().cpu()
     plots.save_atom_images(atoms, pictures / "atoms.png")
     plots.plot_atom_embedding(atoms, pictures / "atoms_embedding.png", usage=counts.float(),
                               title=f"{model.kind.upper()} atoms, coloured by test usage")

@@ -125,7 +125,8 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, callback) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.model, disable=not (ctx.is_main and cfg.progress),
                dynamic_ncols=True, file=sys.stderr)
     window: dict[str, list[Tensor]] = {}
-    usage = torch.zeros(cfg.n_e, dtype=torch.float64, device=ctx.device)  # code histogram of the logging window
+    # code histogram of the logging window, over the ids info.atom_indices takes (a peer's whole token vocabulary)
+    usage = torch.zeros(model.bottleneck.n_e, dtype=torch.float64, device=ctx.device)
     start = time.perf_counter()
     epoch, offset = divmod(step, batches_per_epoch)
     while step < cfg.steps:

@@ -196,29 +196,35 @@ def plot_training_curves(runs: Mapping[str, Sequence[Mapping]], path: str | Path
     return path
 
 
-def plot_rate_distortion(curves: Mapping[str, Sequence[tuple[float, float, str]]], path: str | Path,
-                         ylabel: str = "PSNR (dB)") -> Path:
-    """Distortion against rate: one marker series per curve name, points (bits per site, value, label), each point
-    annotated with its label (e.g. "S=2 B=16"), and the curve's upper envelope (the best value at or below each
-    rate) drawn as a line."""
+def plot_rate_distortion(curves: Mapping[str, Sequence[tuple]], path: str | Path, ylabel: str = "PSNR (dB)",
+                         annotate: bool = True) -> Path:
+    """Distortion against rate: one marker series per curve name, points (bits per site, value, label) or (bits per
+    site, value, label, spread) -- the spread (e.g. the standard deviation over seeds) drawn as an error bar -- each
+    point annotated with its label (e.g. "S=2 B=16") when ``annotate``, and the curve's upper envelope (the best
+    value at or below each rate) drawn as a line."""
     if not curves or not any(curves.values()):
         raise ValueError("need at least one curve with points")
-    fig = _new_figure(6.4, 4.4)
+    fig = _new_figure(7.2, 4.8)
     ax = fig.subplots()
     for i, (name, points) in enumerate(curves.items()):
-        pts = sorted((float(b), float(v), str(lab)) for b, v, lab in points if math.isfinite(v) and math.isfinite(b))
+        pts = sorted((float(p[0]), float(p[1]), str(p[2]), float(p[3]) if len(p) > 3 else 0.0) for p in points
+                     if math.isfinite(p[1]) and math.isfinite(p[0]))
         if not pts:
             continue
         bits, values = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
-        ax.scatter(bits, values, color=f"C{i}", label=name, zorder=3)
+        spread = np.array([p[3] if math.isfinite(p[3]) else 0.0 for p in pts])
+        if spread.any():
+            ax.errorbar(bits, values, yerr=spread, fmt="o", color=f"C{i}", label=name, capsize=3, zorder=3)
+        else:
+            ax.scatter(bits, values, color=f"C{i}", label=name, zorder=3)
         ax.plot(bits, np.maximum.accumulate(values), color=f"C{i}", alpha=0.6)
-        for b, v, lab in pts:
+        for b, v, lab, _ in pts if annotate else ():
             ax.annotate(lab, (b, v), textcoords="offset points", xytext=(3, 3), fontsize=7, color=f"C{i}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bits per latent site (log scale)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(fontsize=8)
     path = _prepare(path)
     fig.savefig(path)
     return path

@@ -4,9 +4,10 @@
     lasers sample runs/dl --n 64                   # decodes 64 samples to runs/dl/prior/samples.png
     lasers compare --stage2 --data fashion-mnist   # both autoencoders and both priors, one table
 
-One code path serves DL-VAE tokens (``SparseDictBottleneck(coeff_bins=B)``: 2S tokens per latent site) and VQ-VAE
-indices (one token per site). A :class:`~lasers_ext.tokens.TokenGrammar` masks the logits, so the prior is a
-distribution over decodable sequences only: its likelihoods are honest and every sample decodes.
+One code path serves DL-VAE tokens (``SparseDictBottleneck(coeff_bins=B)``: 2S tokens per latent site), VQ-VAE
+indices (one token per site) and the peers' tokens (:mod:`.peers`: one per RVQ stage, FSQ channel or LFQ group).
+A :class:`~lasers_ext.tokens.TokenGrammar` masks the logits, so the prior is a distribution over decodable sequences
+only: its likelihoods are honest and every sample decodes.
 """
 
 from __future__ import annotations
@@ -483,16 +484,17 @@ def format_stage2_table(results: dict[str, dict]) -> str:
     return "\n".join([head, *rows])
 
 
-def compare_stage2(cfg: TrainConfig, prior_cfg: PriorConfig) -> dict[str, dict]:
-    """``lasers compare`` (VQ-VAE and DL-VAE, the DL model with coefficient tokens: ``coeff_bins`` 16 unless set),
-    then a prior over each one's tokens with the same budget; writes stage2.md/.json and the sample grids under
-    ``cfg.out`` and prints the table. Returns {model name: prior evaluation}."""
+def compare_stage2(cfg: TrainConfig, prior_cfg: PriorConfig, models: list[str] | None = None) -> dict[str, dict]:
+    """``lasers compare`` (VQ-VAE and DL-VAE, or each of ``models``; a DL model with coefficient tokens:
+    ``coeff_bins`` 16 unless set), then a prior over each one's tokens with the same budget; writes stage2.md/.json
+    and the sample grids under ``cfg.out`` and prints the table. Returns {model name: prior evaluation}."""
     prior_cfg.validate()
     if cfg.coeff_bins is None:
         cfg = dataclasses.replace(cfg, coeff_bins=16)
-    compare(cfg)
+    names = list(models) if models is not None else ["vq-vae", "dl-vae"]
+    compare(cfg, models=names)
     base = Path(cfg.out)
-    results = {name: train_prior(base / name, prior_cfg) for name in ("vq-vae", "dl-vae")}
+    results = {name: train_prior(base / name, prior_cfg) for name in names}
     table = format_stage2_table(results)
     write_text(base / "stage2.md", table + "\n")
     write_json(base / "stage2.json", results)
