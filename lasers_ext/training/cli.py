@@ -8,7 +8,7 @@
     lasers sweep --out runs/sweep --steps 600          # the paper's ablations: K (Table 4) and S (Table 5)
     lasers prior train runs/dl --steps 2000           # stage 2: a transformer over a run's tokens
     lasers sample runs/dl --n 64                      # samples of that prior, decoded to an image grid
-    lasers compare --stage2 --data fashion-mnist      # VQ-VAE + prior against DL-VAE + prior
+    lasers compare --stage2 --data fashion-mnist      # VQ-VAE + prior against DL-VAE + prior (spatial-depth)
     torchrun --nproc_per_node=4 -m lasers_ext.training.cli train --batch-size 256 ...   # DDP, same flags
 
 Every training option can also come from a JSON file (``--config run.json``, a flat object of option names, or a
@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gan", action="store_true", help="compare VQ-GAN with DL-GAN instead of VQ-VAE with DL-VAE")
     p.add_argument("--models", type=lambda s: [v for v in s.split(",") if v], default=None,
                    help="models to compare instead, e.g. vq-vae,dl-vae,vq-gan,dl-gan (the paper's Figure 11)")
-    p.add_argument("--stage2", action="store_true", help="then train a prior over each model's tokens (the DL model "
-                   "with --coeff-bins, 16 unless given) and compare NLL, sample FID and cost")
+    p.add_argument("--stage2", action="store_true", help="then train a prior over each model's tokens (a DL model "
+                   "with --coeff-bins, 16 unless given) and compare NLL, sample FID and cost (--models: which)")
     _add_config_options(p, **COMPARE_DEFAULTS)
     _add_prior_options(p, flags_prefix=True)
 
@@ -158,7 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample images from the prior of a run (after lasers prior train)")
     p.add_argument("run", type=Path, help="run directory")
     p.add_argument("--n", type=int, default=64, help="samples (default: 64)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the prior's)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely atoms only (default: the "
+                   "prior's; 0: all)")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely atoms up to probability p "
+                   "only (default: the prior's; 1: all)")
+    p.add_argument("--coeff-temperature", type=float, default=None, help="spatial-depth prior: temperature of the "
+                   "coefficient bins (default: the prior's)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--out", type=Path, default=None, help="output PNG (default: RUN/prior/samples-<seed>.png)")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
@@ -269,10 +275,10 @@ def main(argv: list[str] | None = None) -> int:
             if result:
                 print(format_results_table({result["model"]: result}))
         elif args.command == "compare":
-            if args.stage2 and (args.gan or args.models):
-                raise ValueError("--stage2 compares VQ-VAE with DL-VAE; leave out --gan and --models")
+            if args.stage2 and args.gan:
+                raise ValueError("--stage2 compares VQ-VAE with DL-VAE (or --models); leave out --gan")
             if args.stage2:
-                compare_stage2(_config_from(args, **COMPARE_DEFAULTS), _prior_config_from(args))
+                compare_stage2(_config_from(args, **COMPARE_DEFAULTS), _prior_config_from(args), models=args.models)
             else:
                 compare(_config_from(args, **COMPARE_DEFAULTS), gan=args.gan, models=args.models)
         elif args.command == "prior":
@@ -282,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             from . import plots
 
             out = _image_file(args.out or args.run / "prior" / f"samples-{args.seed}.png")
-            images = sample_images(args.run, args.n, temperature=args.temperature, seed=args.seed, device=args.device)
+            images = sample_images(args.run, args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                   coeff_temperature=args.coeff_temperature, seed=args.seed, device=args.device)
             plots.save_image_grid(images, out)
             print(f"wrote {out} ({args.n} samples)")
         elif args.command == "rate-distortion":
