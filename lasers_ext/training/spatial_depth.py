@@ -234,18 +234,19 @@ def event_spec(bottleneck: nn.Module) -> EventSpec:
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """logits (n, V) (-inf where not allowed) with everything outside the ``top_k`` largest (0: no limit) and
-    outside the smallest set of largest logits whose probability reaches ``top_p`` (1: no limit) set to -inf; the
-    most likely id always stays."""
+    outside the smallest set of largest logits whose probability reaches ``top_p`` (1: no limit) set to -inf; ids
+    tied with the last one kept stay as well, and the most likely id always stays."""
     check_filters(top_k, top_p)
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p < 1:
-        ordered, order = logits.sort(dim=-1, descending=True)
+        ordered = logits.sort(dim=-1, descending=True).values
         probs = ordered.softmax(-1)
         drop = (probs.cumsum(-1) - probs) >= top_p  # the mass before an id already reaches top_p
         drop[..., 0] = False
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+        cutoff = ordered.masked_fill(drop, math.inf).amin(-1, keepdim=True)
+        logits = logits.masked_fill(logits < cutoff, -math.inf)  # ids tied with the last one kept stay too
     return logits
 
 
