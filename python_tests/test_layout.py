@@ -17,7 +17,7 @@ from lasers_ext import _moved
 LIBRARY = Path(lasers_ext.__file__).parent
 # the order of lasers_ext/training/__init__.py's docstring: each module may import only modules before it
 TRAINING_ORDER = ["tasks", "data", "metrics", "plots", "distributed", "peers", "config", "runs", "evaluation", "loop",
-                  "comparison", "sweep", "prior", "cli"]
+                  "comparison", "sweep", "spatial_depth", "prior", "cli"]
 
 
 def _imports(path: Path) -> set[str]:

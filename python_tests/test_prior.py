@@ -181,8 +181,9 @@ def test_compare_stage2_end_to_end(tmp_path, capsys, monkeypatch):
     assert list(results) == ["vq-vae", "dl-vae"]
     assert load_run(tmp_path / "cmp" / "dl-vae")[0].coeff_bins == 16  # the DL model got coefficient tokens
     table = (tmp_path / "cmp" / "stage2.md").read_text()
-    assert table.startswith("| model | tokens / image | bits / image |") and "| dl-vae + prior | 64 |" in table
-    assert "| vq-vae + prior | 16 | 64 |" in table and table.strip() in capsys.readouterr().out
+    assert table.startswith("| model | prior | tokens / image | bits / image |")
+    assert "| dl-vae | spatial-depth | 64 |" in table  # 16 sites x 2S tokens
+    assert "| vq-vae | spatial-depth | 16 | 64 |" in table and table.strip() in capsys.readouterr().out
     assert json.loads((tmp_path / "cmp" / "stage2.json").read_text()) == results
     for name in results:
         with Image.open(tmp_path / "cmp" / "pictures" / f"samples-{name}.png") as im:

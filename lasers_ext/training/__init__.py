@@ -9,7 +9,8 @@ Modules, by concept (each imports only those above it in this list, and the libr
     loop       ``train(cfg)``: training, resume, DDP
     comparison models side by side with identical budgets
     sweep      rate-distortion and ablation grids
-    prior      stage 2: a transformer prior over a run's tokens, sampling, NLL, FID
+    spatial_depth  stage 2's spatial-depth prior: transformers over latent sites and over each site's events
+    prior      stage 2: a prior over a run's tokens (spatial-depth or flat), training, sampling, NLL, FID
     cli        the ``lasers`` command
 """
 

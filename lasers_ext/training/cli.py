@@ -8,7 +8,7 @@
     lasers sweep --out runs/sweep --steps 600          # the paper's ablations: K (Table 4) and S (Table 5)
     lasers prior train runs/dl --steps 2000           # stage 2: a transformer over a run's tokens
     lasers sample runs/dl --n 64                      # samples of that prior, decoded to an image grid
-    lasers compare --stage2 --data fashion-mnist      # VQ-VAE + prior against DL-VAE + prior
+    lasers compare --stage2 --data fashion-mnist      # VQ-VAE + prior against DL-VAE + prior (spatial-depth)
     torchrun --nproc_per_node=4 -m lasers_ext.training.cli train --batch-size 256 ...   # DDP, same flags
 
 Every training option can also come from a JSON file (``--config run.json``, a flat object of option names, or a
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models to compare instead, e.g. vq-vae,dl-vae,vq-gan,dl-gan (the paper's Figure 11) or "
                    "dl-vae,vqp-vae,rvq-vae,fsq-vae,lfq-vae (the strong peers)")
     p.add_argument("--stage2", action="store_true", help="then train a prior over each model's tokens (a DL model "
-                   "with --coeff-bins, 16 unless given) and compare NLL, sample FID and cost")
+                   "with --coeff-bins, 16 unless given) and compare NLL, sample FID and cost (--models: which)")
     _add_config_options(p, **COMPARE_DEFAULTS)
     _add_prior_options(p, flags_prefix=True)
 
@@ -159,7 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample images from the prior of a run (after lasers prior train)")
     p.add_argument("run", type=Path, help="run directory")
     p.add_argument("--n", type=int, default=64, help="samples (default: 64)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the prior's)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely atoms only (default: the "
+                   "prior's; 0: all)")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely atoms up to probability p "
+                   "only (default: the prior's; 1: all)")
+    p.add_argument("--coeff-temperature", type=float, default=None, help="spatial-depth prior: temperature of the "
+                   "coefficient bins (default: the prior's)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--out", type=Path, default=None, help="output PNG (default: RUN/prior/samples-<seed>.png)")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
@@ -291,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             from . import plots
 
             out = _image_file(args.out or args.run / "prior" / f"samples-{args.seed}.png")
-            images = sample_images(args.run, args.n, temperature=args.temperature, seed=args.seed, device=args.device)
+            images = sample_images(args.run, args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                   coeff_temperature=args.coeff_temperature, seed=args.seed, device=args.device)
             plots.save_image_grid(images, out)
             print(f"wrote {out} ({args.n} samples)")
         elif args.command == "rate-distortion":

@@ -257,6 +257,11 @@ class FID:
                                 resample_mode=h.resample_mode, quant=True)
         self._features[bool(real)].append(np.asarray(feats, dtype=np.float64))
 
+    def clear(self, real: bool = False) -> None:
+        """Forgets the features of the fake (or, with ``real``, the real) side: several sets scored against one
+        reference compute its features once."""
+        self._features[bool(real)] = []
+
     def compute(self) -> dict:
         """{"fid": float, "n_real": int, "n_fake": int, "network": str}; ValueError with fewer than 2 images a side."""
         n_real, n_fake = (sum(len(f) for f in self._features[side]) for side in (True, False))
