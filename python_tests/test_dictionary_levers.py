@@ -14,6 +14,8 @@ import torch.multiprocessing as mp
 from lasers_ext import SparseDictBottleneck, build_autoencoder
 from lasers_ext.bottleneck import rotation_trick
 from lasers_ext.dictionary_init import kmeanspp_atoms, sample_atoms, spherical_kmeans, unit_rows, worst_coded
+from lasers_ext.training import TrainConfig
+from lasers_ext.training.config import build_model
 
 
 def as_latent(sites: torch.Tensor) -> torch.Tensor:
@@ -310,3 +312,21 @@ def test_initialisation_and_restarts_are_identical_on_every_rank(gen, tmp_path):
     single(batches[0].chunk(2)[0])
     for r in range(2):
         assert torch.equal(torch.load(tmp_path / f"init{r}.pt")["embedding.weight"], single.embedding.weight)
+
+
+# ------------------------------------------------------------------------------------------------ the training tool
+def test_train_flags_reach_the_bottleneck():
+    cfg = TrainConfig(hidden=16, res_hidden=8, n_e=32, e_dim=4, sparsity=2, coeff_bins=8, dict_init="sample",
+                      restart_window=7, coeff_per_slot=True, gradient="rotation").validate()
+    b = build_model(cfg, 3).bottleneck
+    assert (b.init, b.restart_window, b.coeff_per_slot, b.gradient) == ("sample", 7, True, "rotation")
+    assert b.codec.support == "ordered"
+    plain = build_model(TrainConfig(hidden=16, res_hidden=8, n_e=32, e_dim=4, sparsity=2), 3).bottleneck
+    assert (plain.init, plain.restart_window, plain.coeff_per_slot, plain.gradient) == (
+        "random", None, False, "straight_through")  # the paper's settings by default
+    vq = build_model(TrainConfig(model="vq-vae", hidden=16, res_hidden=8, n_e=32, e_dim=4, dict_init="kmeans"), 3)
+    assert type(vq.bottleneck).__name__ == "VectorQuantizer"  # DL-only flags do not reach the VQ
+    with pytest.raises(ValueError, match="restart_window"):
+        TrainConfig(restart_window=0).validate()
+    with pytest.raises(ValueError, match="online"):
+        TrainConfig(gradient="exact", dictionary_update="online").validate()
