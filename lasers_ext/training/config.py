@@ -106,8 +106,8 @@ class TrainConfig:
     patch_size: int = option(1, "DL only: code non-overlapping patch_size x patch_size latent patches as one vector")
     coeff_bins: int | None = option(None, "DL only: quantise coefficients to this many bins, making the codes stage-2 "
                                   "tokens (default: real coefficients)")
-    coeff_quant: str = option("uniform", "DL only: coefficient levels with --coeff-bins: uniform or mulaw",
-                            choices=("uniform", "mulaw"))
+    coeff_quant: str = option("uniform", "DL only: coefficient levels with --coeff-bins: uniform, mulaw or lloyd "
+                            "(Lloyd-Max levels placed by the data)", choices=("uniform", "mulaw", "lloyd"))
     coeff_per_slot: bool = option(False, "DL only: one coefficient range per slot (selection depth) with --coeff-bins; "
                                 "the slot order then counts in the bits per site")
     gradient: str = option("straight_through", "DL only: the encoder's gradient: straight_through, exact (least "
