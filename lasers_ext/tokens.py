@@ -42,8 +42,8 @@ class CoefficientQuantizer(nn.Module):
     ``"lloyd"``: levels placed by the data (Lloyd-Max: each level the mean of the coefficients nearest to it), in the
     buffer ``table`` ((B,) or (S, B)): uniform over the range when it is first fitted, then in training one
     moving-average Lloyd step per batch (``decay``; sums and counts all-reduced under torch.distributed), or
-    ``lloyd_iters`` full Lloyd iterations in :meth:`fit`. Values outside the range go to the end levels. B is at most 2**24 (:data:`MAX_BINS`): float32 levels beyond that
-    are not told apart.
+    ``lloyd_iters`` full Lloyd iterations in :meth:`fit`. Values outside the range go to the end levels. B is at most
+    2**24 (:data:`MAX_BINS`): float32 levels beyond that are not told apart.
 
     ``slots``: None (default) for one range shared by every coefficient, or S for one range per slot (selection
     depth) of codes (..., S): Batch-OMP's coefficients shrink with the selection order, so the later slots get finer
