@@ -13,8 +13,8 @@ from ..models import Autoencoder, build_autoencoder
 from .data import build_dataset
 from .tasks import TASKS
 
-__all__ = ["MODELS", "ARCHITECTURE", "RESUMABLE", "TrainConfig", "option", "check_choices", "config_from_dict",
-           "resolve_device", "build_model", "run_dataset"]
+__all__ = ["MODELS", "ARCHITECTURE", "RESUMABLE", "PAPER_LEVERS", "TrainConfig", "option", "check_choices",
+           "config_from_dict", "resolve_device", "build_model", "run_dataset"]
 
 MODELS = ("dl-vae", "dl-gan", "vq-vae", "vq-gan")
 # Fields that fix the saved tensors or the objective: a checkpoint resumes only under the same values.
@@ -25,6 +25,9 @@ ARCHITECTURE = ("model", "hidden", "res_hidden", "n_res_blocks", "n_e", "e_dim",
 RESUMABLE = ("out", "steps", "lr", "disc_lr", "data_root", "workers", "device", "amp", "backend", "log_every",
              "eval_every", "eval_images", "fid_images", "checkpoint_every", "progress")
 MIN_IMAGE_SIZE = 11  # SSIM's 11 x 11 window
+# The paper's settings of the dictionary bottleneck's levers (issue 26): what `lasers train --paper-defaults` sets, and
+# what a checkpoint written before the levers existed was trained with.
+PAPER_LEVERS = {"dict_init": "random", "restart_window": None, "coeff_per_slot": False, "gradient": "straight_through"}
 
 
 
