@@ -28,7 +28,7 @@ from .quantizer import straight_through
 
 __all__ = ["CoefficientQuantizer", "TokenCodec", "TokenGrammar", "QUANTIZER_MODES", "MAX_BINS"]
 
-QUANTIZER_MODES = ("uniform", "mulaw")
+QUANTIZER_MODES = ("uniform", "mulaw", "lloyd")
 MAX_BINS = 1 << 24
 _NEVER_FITTED = ("CoefficientQuantizer's range was never fitted: train the model (training mode tracks it), call "
                  "fit(coeffs) on sample coefficients, or load a state_dict that has it")
@@ -38,9 +38,12 @@ class CoefficientQuantizer(nn.Module):
     """Scalar quantiser of sparse-code coefficients to ``bins`` levels over a fitted range [low, high].
 
     Modes: ``"uniform"``: B equally spaced levels from ``low`` to ``high`` (both included); ``"mulaw"``: levels equally
-    spaced after mu-law companding of the range mapped to [-1, 1], denser near its centre, where most coefficients lie.
-    Values outside the range go to the end levels. B is at most 2**24 (:data:`MAX_BINS`): float32 levels beyond that
-    are not told apart.
+    spaced after mu-law companding of the range mapped to [-1, 1], denser near its centre, where most coefficients lie;
+    ``"lloyd"``: levels placed by the data (Lloyd-Max: each level the mean of the coefficients nearest to it), in the
+    buffer ``table`` ((B,) or (S, B)): uniform over the range when it is first fitted, then in training one
+    moving-average Lloyd step per batch (``decay``; sums and counts all-reduced under torch.distributed), or
+    ``lloyd_iters`` full Lloyd iterations in :meth:`fit`. Values outside the range go to the end levels. B is at most
+    2**24 (:data:`MAX_BINS`): float32 levels beyond that are not told apart.
 
     ``slots``: None (default) for one range shared by every coefficient, or S for one range per slot (selection
     depth) of codes (..., S): Batch-OMP's coefficients shrink with the selection order, so the later slots get finer
@@ -55,7 +58,7 @@ class CoefficientQuantizer(nn.Module):
     """
 
     def __init__(self, bins: int, mode: str = "uniform", *, mu: float = 255.0, decay: float = 0.99,
-                 slots: int | None = None, device: torch.device | str | None = None) -> None:
+                 slots: int | None = None, lloyd_iters: int = 30, device: torch.device | str | None = None) -> None:
         super().__init__()
         if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= MAX_BINS:
             raise ValueError(f"bins must be an int in [2, 2**24] (float32 levels beyond 2**24 are not told apart), "
@@ -73,6 +76,11 @@ class CoefficientQuantizer(nn.Module):
         self.register_buffer("low", torch.full(shape, -1.0, device=device))
         self.register_buffer("high", torch.full(shape, 1.0, device=device))
         self.register_buffer("fitted", torch.zeros(shape, dtype=torch.bool, device=device))
+        if isinstance(lloyd_iters, bool) or not isinstance(lloyd_iters, int) or lloyd_iters < 0:
+            raise ValueError(f"lloyd_iters must be an int >= 0, got {lloyd_iters!r}")
+        self.lloyd_iters = lloyd_iters
+        if mode == "lloyd":
+            self.register_buffer("table", torch.zeros(*shape, bins, device=device))
 
     def extra_repr(self) -> str:
         mu = f", mu={self.mu}" if self.mode == "mulaw" else ""
@@ -144,6 +152,10 @@ class CoefficientQuantizer(nn.Module):
     def _levels_of(self, bins: Tensor) -> Tensor:
         """The levels of ``bins`` (int, values in [0, B); (..., S) with per-slot ranges), unchecked: one formula for
         every decode."""
+        if self.mode == "lloyd":
+            if self.slots is None:
+                return self.table[bins.long()]
+            return self.table[torch.arange(self.slots, device=bins.device), bins.long()]
         y = (2 * bins.to(torch.float64) - (self.bins - 1)) / (self.bins - 1)  # exact ends -1 and 1, symmetric
         if self.mode == "mulaw":
             y = torch.sign(y) * torch.expm1(y.abs() * math.log1p(self.mu)) / self.mu
@@ -152,6 +164,10 @@ class CoefficientQuantizer(nn.Module):
 
     def _bins_of(self, coeffs: Tensor) -> Tensor:
         """The nearest levels' bins (unchecked; the range as it is)."""
+        if self.mode == "lloyd":
+            c = coeffs.to(self.low.dtype)
+            b = self._nearest(c.reshape(-1, self.slots or 1).T.contiguous()).T.reshape(c.shape)
+            return torch.where(torch.isnan(c), 0, b)
         mid, half = self._span()
         t = ((coeffs.to(self.low.dtype) - mid) / half).clamp(-1.0, 1.0)
         if self.mode == "mulaw":
@@ -162,6 +178,8 @@ class CoefficientQuantizer(nn.Module):
     def levels(self) -> Tensor:
         """The B values bins decode to, ascending, in the buffers' dtype: (B,), or (S, B) with per-slot ranges."""
         self.check_fitted()
+        if self.mode == "lloyd":
+            return self.table.clone()
         b = torch.arange(self.bins, device=self.low.device)
         return self._levels_of(b) if self.slots is None else self._levels_of(b.unsqueeze(1)).T
 
@@ -199,6 +217,40 @@ class CoefficientQuantizer(nn.Module):
             values = self.dequantize(self.quantize(coeffs))
         return straight_through(coeffs, values.to(coeffs.dtype))
 
+    # ------------------------------------------------------------------------------------------ Lloyd-Max levels
+    def _rows(self) -> Tensor:
+        """The level table as (width, B) rows (width = S, or 1 for a shared range)."""
+        return self.table.reshape(self.slots or 1, self.bins)
+
+    def _nearest(self, values: Tensor) -> Tensor:
+        """Bins (width, N) of the nearest table levels to values (width, N) (ties to the lower level)."""
+        rows = self._rows()
+        mids = ((rows[:, 1:] + rows[:, :-1]) / 2).contiguous()
+        return torch.searchsorted(mids, values.contiguous())
+
+    def _uniform_rows(self) -> Tensor:
+        """Uniform levels over each slot's range, (width, B)."""
+        mid, half = self._span()
+        y = torch.linspace(-1.0, 1.0, self.bins, dtype=self.low.dtype, device=self.low.device)
+        return mid.reshape(-1, 1) + half.reshape(-1, 1) * y
+
+    def _lloyd_step(self, c: Tensor, keep: Tensor, decay: float, reduce: bool) -> None:
+        """One Lloyd step on coefficients c (N, width) where ``keep``: each level moves towards the mean of the
+        values nearest to it (by 1 - decay; decay 0: onto it); levels without values stay; rows kept sorted.
+        ``reduce``: sums and counts all-reduced under torch.distributed."""
+        values = c.T.contiguous()
+        mask = keep.T
+        bins = self._nearest(torch.where(mask, values, 0.0))
+        rows = self._rows()
+        sums = torch.zeros_like(rows).scatter_add_(1, bins, torch.where(mask, values, 0.0))
+        counts = torch.zeros_like(rows).scatter_add_(1, bins, mask.to(rows.dtype))
+        if reduce and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+        centroid = sums / counts.clamp_min(1)
+        moved = torch.where(counts > 0, decay * rows + (1 - decay) * centroid, rows)
+        self.table.copy_(moved.sort(dim=1).values.reshape(self.table.shape))
+
     @torch.no_grad()
     def observe(self, coeffs: Tensor, valid: Tensor | None = None) -> None:
         """One moving-average step of the range towards this batch's min and max over ``valid`` finite entries
@@ -222,6 +274,10 @@ class CoefficientQuantizer(nn.Module):
             moved = torch.where(fitted & seen, self.decay * flat + (1 - self.decay) * batch,
                                 torch.where(seen, batch, whole))
             buf.copy_(torch.where(update, moved, flat).reshape(buf.shape))
+        if self.mode == "lloyd":  # rows fitted just now start uniform over their range, then one Lloyd step
+            fresh = (update & ~fitted).unsqueeze(1)
+            self.table.copy_(torch.where(fresh, self._uniform_rows(), self._rows()).reshape(self.table.shape))
+            self._lloyd_step(c, keep, self.decay, reduce=True)
         self.fitted.logical_or_(update.reshape(self.fitted.shape))
 
     @torch.no_grad()
@@ -251,6 +307,11 @@ class CoefficientQuantizer(nn.Module):
         self.low.copy_(ranges[:, 0].reshape(self.low.shape))
         self.high.copy_(ranges[:, 1].reshape(self.high.shape))
         self.fitted.fill_(True)
+        if self.mode == "lloyd":
+            self.table.copy_(self._uniform_rows().reshape(self.table.shape))
+            clipped = torch.minimum(torch.maximum(c, ranges[:, 0]), ranges[:, 1])
+            for _ in range(self.lloyd_iters):
+                self._lloyd_step(clipped, keep, 0.0, reduce=False)
         return self
 
 

@@ -14,6 +14,9 @@ import torch.multiprocessing as mp
 from lasers_ext import SparseDictBottleneck, build_autoencoder
 from lasers_ext.bottleneck import rotation_trick
 from lasers_ext.dictionary_init import kmeanspp_atoms, sample_atoms, spherical_kmeans, unit_rows, worst_coded
+from lasers_ext.training import TrainConfig, cli
+from lasers_ext.training.config import PAPER_LEVERS, build_model
+from lasers_ext.training.runs import saved_config
 
 
 def as_latent(sites: torch.Tensor) -> torch.Tensor:
@@ -310,3 +313,39 @@ def test_initialisation_and_restarts_are_identical_on_every_rank(gen, tmp_path):
     single(batches[0].chunk(2)[0])
     for r in range(2):
         assert torch.equal(torch.load(tmp_path / f"init{r}.pt")["embedding.weight"], single.embedding.weight)
+
+
+# ------------------------------------------------------------------------------------------------ the training tool
+def test_train_flags_reach_the_bottleneck():
+    cfg = TrainConfig(hidden=16, res_hidden=8, n_e=32, e_dim=4, sparsity=2, coeff_bins=8, dict_init="sample",
+                      restart_window=7, coeff_per_slot=True, gradient="rotation").validate()
+    b = build_model(cfg, 3).bottleneck
+    assert (b.init, b.restart_window, b.coeff_per_slot, b.gradient) == ("sample", 7, True, "rotation")
+    assert b.codec.support == "ordered"
+    plain = build_model(TrainConfig(hidden=16, res_hidden=8, n_e=32, e_dim=4, sparsity=2), 3).bottleneck
+    assert (plain.init, plain.restart_window, plain.coeff_per_slot, plain.gradient) == (
+        "random", None, False, "straight_through")  # the paper's settings by default
+    vq = build_model(TrainConfig(model="vq-vae", hidden=16, res_hidden=8, n_e=32, e_dim=4, dict_init="kmeans"), 3)
+    assert type(vq.bottleneck).__name__ == "VectorQuantizer"  # DL-only flags do not reach the VQ
+    with pytest.raises(ValueError, match="restart_window"):
+        TrainConfig(restart_window=0).validate()
+    with pytest.raises(ValueError, match="online"):
+        TrainConfig(gradient="exact", dictionary_update="online").validate()
+
+
+def test_paper_defaults_switch_and_older_checkpoints(tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text('{"dict_init": "kmeans", "restart_window": 5, "gradient": "rotation", "sparsity": 2}')
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "--config", str(config), "--paper-defaults", "--gradient", "exact"])
+    cfg = cli._config_from(args)
+    # the switch sets the paper's levers over the --config file; a flag given still wins
+    assert (cfg.dict_init, cfg.restart_window, cfg.coeff_per_slot, cfg.gradient) == ("random", None, False, "exact")
+    assert cfg.sparsity == 2
+    cfg = cli._config_from(parser.parse_args(["train", "--config", str(config)]))
+    assert (cfg.dict_init, cfg.restart_window, cfg.gradient) == ("kmeans", 5, "rotation")
+    old = TrainConfig().to_dict()
+    for key in PAPER_LEVERS:  # a checkpoint written before the levers existed trained with the paper's settings
+        del old[key]
+    restored = saved_config({"config": old})
+    assert {k: getattr(restored, k) for k in PAPER_LEVERS} == PAPER_LEVERS

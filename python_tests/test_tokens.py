@@ -519,3 +519,54 @@ def test_per_slot_bottleneck_round_trip_is_exact(gen, sparsity, patch, mode):
     used = idx >= 0
     slot = torch.arange(sparsity).expand_as(idx)
     assert torch.equal(info.coeffs.reshape(-1, sparsity)[used], levels[slot[used], bins[used]])
+
+
+# ------------------------------------------------------------------------------------------------ Lloyd-Max levels
+def test_lloyd_fit_by_hand():
+    # data {0, 0, 0, 1, 1, 10}, B = 2: uniform start {0, 10}; the midpoint 5 splits {0, 0, 0, 1, 1} | {10}: levels
+    # {0.4, 10}, then stable
+    q = CoefficientQuantizer(2, "lloyd").fit(torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 10.0]))
+    torch.testing.assert_close(q.levels(), torch.tensor([0.4, 10.0]))
+    assert q.quantize(torch.tensor([5.3, 5.1, -3.0, 40.0])).tolist() == [1, 0, 0, 1]  # the midpoint is 5.2
+    assert "lloyd" in repr(q)
+
+
+def test_lloyd_levels_against_a_brute_force_lloyd(gen):
+    c = torch.randn(4000, generator=gen, dtype=torch.float64) ** 3  # heavy-tailed, as OMP's coefficients
+    q = CoefficientQuantizer(8, "lloyd", lloyd_iters=50)
+    q.low, q.high, q.table = q.low.double(), q.high.double(), q.table.double()
+    q.fit(c)
+    levels = torch.linspace(float(c.min()), float(c.max()), 8, dtype=torch.float64)
+    for _ in range(50):  # the textbook iteration: nearest level by brute force, then each level its cell's mean
+        owner = (c[:, None] - levels[None, :]).abs().argmin(1)
+        levels = torch.stack([c[owner == j].mean() if (owner == j).any() else levels[j] for j in range(8)])
+        levels = levels.sort().values
+    torch.testing.assert_close(q.levels(), levels)
+    # the nearest level, by brute force
+    x = torch.randn(500, generator=gen, dtype=torch.float64) * 3
+    err = (x[:, None] - q.levels()[None, :]).abs()
+    got = q.quantize(x)
+    assert torch.allclose(err[torch.arange(500), got], err.min(1).values)
+
+
+def test_lloyd_moving_average_step_by_hand():
+    q = CoefficientQuantizer(2, "lloyd", decay=0.5)
+    q.observe(torch.tensor([0.0, 1.0, 10.0]))  # range [0, 10]: uniform {0, 10}, then half way to {0.5, 10}
+    torch.testing.assert_close(q.table, torch.tensor([0.25, 10.0]))
+    q.observe(torch.tensor([2.0, 2.0]))  # both nearest to 0.25 (midpoint 5.125): 0.25 -> (0.25 + 2) / 2
+    torch.testing.assert_close(q.table, torch.tensor([1.125, 10.0]))
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_lloyd_bottleneck_round_trip_and_state(gen, per_slot):
+    q = trained_bottleneck(gen, 3, mode="lloyd", coeff_per_slot=per_slot)
+    assert q.coeff_quantizer.table.shape == ((3, 16) if per_slot else (16,))
+    z = torch.randn(2, 4, 4, 4, generator=gen)
+    z_q, _, info = q(z)
+    assert torch.equal(q.get_codebook_entry(info[2].reshape(-1), (2, 4, 4, 4)), z_q)
+    other = SparseDictBottleneck(24, 4, sparsity=3, coeff_bins=16, coeff_quant="lloyd", coeff_per_slot=per_slot)
+    other.load_state_dict(q.state_dict())
+    assert torch.equal(other.eval()(z)[0], z_q)
+    with pytest.raises(RuntimeError, match="mode='lloyd'"):
+        SparseDictBottleneck(24, 4, sparsity=3, coeff_bins=16, coeff_per_slot=per_slot).load_state_dict(
+            q.state_dict(), strict=False)

@@ -284,7 +284,7 @@ def test_cli_cuda_without_gpu_exits_2(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------------- resume, atomicity
-@pytest.mark.parametrize("model", ["dl-vae", "vq-vae", "dl-gan", "dl-vae-online", "dl-vae-tokens"])
+@pytest.mark.parametrize("model", ["dl-vae", "vq-vae", "dl-gan", "dl-vae-online", "dl-vae-tokens", "dl-vae-levers"])
 def test_crash_and_resume_equals_uninterrupted_run(tmp_path, no_pictures, model):
     # 48 crops / batch 8 = 6 batches per epoch: the checkpoint at step 4 is mid-epoch and step 7 starts epoch 1.
     extra = dict(disc_start=2, ndf=8, disc_layers=2) if model == "dl-gan" else {}
@@ -292,6 +292,9 @@ def test_crash_and_resume_equals_uninterrupted_run(tmp_path, no_pictures, model)
         model, extra = "dl-vae", dict(dictionary_update="online")
     if model == "dl-vae-tokens":  # quantised coefficients: the tracked range must resume too
         model, extra = "dl-vae", dict(coeff_bins=8, coeff_quant="mulaw")
+    if model == "dl-vae-levers":  # issue 26: initialisation, restarts (every step), per-slot ranges, rotation
+        model, extra = "dl-vae", dict(dict_init="kmeans", restart_window=1, coeff_bins=8, coeff_per_slot=True,
+                                      gradient="rotation")
     cfg_a = TrainConfig(**{**TINY, "train_length": 48, "steps": 8, "checkpoint_every": 4, "eval_images": 4},
                         model=model, out=str(tmp_path / "a"), **extra)
     cfg_b = dataclasses.replace(cfg_a, out=str(tmp_path / "b"))
@@ -329,7 +332,10 @@ def test_crash_and_resume_equals_uninterrupted_run(tmp_path, no_pictures, model)
     if model == "dl-gan":
         assert ckpt_a["gan"] is not None and ckpt_a["opt_d"]["state"]  # the discriminator was trained
     if extra.get("coeff_bins"):
-        assert bool(ckpt_a["model"]["bottleneck.coeff_quantizer.fitted"])
+        assert bool(ckpt_a["model"]["bottleneck.coeff_quantizer.fitted"].all())
+    if extra.get("restart_window"):
+        assert int(ckpt_a["model"]["bottleneck.restarts"]) > 0
+        assert _records(run_b, "train")[-1]["restarts"] > 0  # logged
     _assert_same(load_run(run_a)[1].state_dict(), load_run(run_b)[1].state_dict(), "load_run")
     assert result_a == result_b
 

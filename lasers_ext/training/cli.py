@@ -52,7 +52,7 @@ def missing_train_extra() -> list[str]:
 _MISSING = missing_train_extra()
 if not _MISSING:
     from .comparison import compare
-    from .config import TrainConfig
+    from .config import PAPER_LEVERS, TrainConfig
     from .evaluation import evaluate_run, format_results_table
     from .loop import train
     from .prior import PriorConfig, compare_stage2, sample_images, train_prior
@@ -97,6 +97,9 @@ def _add_config_options(parser: argparse.ArgumentParser, **defaults) -> None:
     _add_fields(group, TrainConfig, defaults=defaults)
     group.add_argument("--config", type=Path, default=None,
                        help="JSON file with option values (flat, or a run's config.json); flags override it")
+    group.add_argument("--paper-defaults", action="store_true",
+                       help="the paper's settings of the DL bottleneck's levers (" + ", ".join(
+                           f"{k}={v}" for k, v in PAPER_LEVERS.items()) + "), over --config; flags override them")
 
 
 def _config_from(args: argparse.Namespace, **defaults) -> TrainConfig:
@@ -112,6 +115,8 @@ def _config_from(args: argparse.Namespace, **defaults) -> TrainConfig:
             raise ValueError(f"--config {args.config} must hold a JSON object of option values (or a run's "
                              "config.json)")
         values.update(loaded)
+    if getattr(args, "paper_defaults", False):
+        values.update(PAPER_LEVERS)
     for f in dataclasses.fields(TrainConfig):
         given = getattr(args, f.name, None)
         if given is not None:

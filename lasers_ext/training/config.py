@@ -14,8 +14,8 @@ from .data import build_dataset
 from .peers import PEER_KINDS, build_peer, lfq_codebook_size, parse_levels
 from .tasks import TASKS
 
-__all__ = ["MODELS", "ARCHITECTURE", "RESUMABLE", "TrainConfig", "option", "check_choices", "config_from_dict",
-           "resolve_device", "build_model", "run_dataset"]
+__all__ = ["MODELS", "ARCHITECTURE", "RESUMABLE", "PAPER_LEVERS", "TrainConfig", "option", "check_choices",
+           "config_from_dict", "resolve_device", "build_model", "run_dataset"]
 
 # DL, the paper's VQ baseline, and the strong peers of vector-quantize-pytorch (see .peers)
 MODELS = ("dl-vae", "dl-gan", "vq-vae", "vq-gan", *(f"{k}-{v}" for k in PEER_KINDS for v in ("vae", "gan")))
@@ -28,6 +28,9 @@ ARCHITECTURE = ("model", "hidden", "res_hidden", "n_res_blocks", "n_e", "e_dim",
 RESUMABLE = ("out", "steps", "lr", "disc_lr", "data_root", "workers", "device", "amp", "backend", "log_every",
              "eval_every", "eval_images", "fid_images", "checkpoint_every", "progress")
 MIN_IMAGE_SIZE = 11  # SSIM's 11 x 11 window
+# The paper's settings of the dictionary bottleneck's levers (issue 26): what `lasers train --paper-defaults` sets, and
+# what a checkpoint written before the levers existed was trained with.
+PAPER_LEVERS = {"dict_init": "random", "restart_window": None, "coeff_per_slot": False, "gradient": "straight_through"}
 
 
 
@@ -111,8 +114,8 @@ class TrainConfig:
     patch_size: int = option(1, "DL only: code non-overlapping patch_size x patch_size latent patches as one vector")
     coeff_bins: int | None = option(None, "DL only: quantise coefficients to this many bins, making the codes stage-2 "
                                   "tokens (default: real coefficients)")
-    coeff_quant: str = option("uniform", "DL only: coefficient levels with --coeff-bins: uniform or mulaw",
-                            choices=("uniform", "mulaw"))
+    coeff_quant: str = option("uniform", "DL only: coefficient levels with --coeff-bins: uniform, mulaw or lloyd "
+                            "(Lloyd-Max levels placed by the data)", choices=("uniform", "mulaw", "lloyd"))
     coeff_per_slot: bool = option(False, "DL only: one coefficient range per slot (selection depth) with --coeff-bins; "
                                 "the slot order then counts in the bits per site")
     gradient: str = option("straight_through", "DL only: the encoder's gradient: straight_through, exact (least "

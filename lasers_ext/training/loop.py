@@ -182,6 +182,8 @@ def _train_step(state: TrainState, net: nn.Module, x: Tensor, step: int, rec_los
     loss = rec + q_loss.float()
     stats = {"loss": loss.detach(), "rec_loss": rec.detach(), "q_loss": q_loss.detach().float(),
              "psnr": metrics.psnr(to_image(x), to_image(x_rec.detach())).clamp(max=100).mean()}
+    if hasattr(info, "restarts"):  # dead-atom restarts so far (DL with --restart-window)
+        stats["restarts"] = info.restarts.float()
     gan = state.gan
     if gan is not None:
         g_term, g_stats = gan.generator_loss(rec, x_rec, state.model.last_layer, step)

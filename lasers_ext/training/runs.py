@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..models import Autoencoder, GANLoss, PatchDiscriminator
-from .config import ARCHITECTURE, RESUMABLE, TrainConfig, build_model
+from .config import ARCHITECTURE, PAPER_LEVERS, RESUMABLE, TrainConfig, build_model
 
 __all__ = ["CHECKPOINT", "TrainState", "atomic_write", "write_json", "write_text", "writable_dir", "writable_file",
            "read_records", "truncate_records", "append_record", "replace_eval_record", "read_checkpoint",
@@ -129,8 +129,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def saved_config(saved: dict) -> TrainConfig:
     """The configuration stored in a checkpoint; those written before legacy_weighting existed trained with taming's
-    weighting."""
-    return TrainConfig.from_dict({"legacy_weighting": True, **saved["config"]})
+    weighting, those written before the DL levers existed with the paper's (PAPER_LEVERS)."""
+    return TrainConfig.from_dict({"legacy_weighting": True, **PAPER_LEVERS, **saved["config"]})
 
 
 @dataclasses.dataclass
