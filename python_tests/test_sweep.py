@@ -42,7 +42,8 @@ def test_rate_distortion_grid_end_to_end_and_resume(tmp_path, no_pictures, capsy
             assert cfg.model == "vq-vae" and r["config"] == f"K={cfg.n_e}" and cfg.coeff_bins is None
             assert r["bits_per_site"] == pytest.approx(math.log2(cfg.n_e))
     table = (tmp_path / "rd" / "rate_distortion.md").read_text()
-    assert "| DL (Batch-OMP) | K=32 S=2 B=8 | 16.00 |" in table and "| VQ (EMA, the paper's baseline) | K=64 | 6.00 |" in table
+    assert "| DL (Batch-OMP) | K=32 S=2 B=8 | 16.00 |" in table
+    assert "| VQ (EMA, the paper's baseline) | K=64 | 6.00 |" in table
     assert table.split("\n\n")[1] in capsys.readouterr().out
     assert json.loads((tmp_path / "rd" / "rate_distortion.json").read_text())["rows"] == json.loads(
         json.dumps(result["rows"]))
@@ -85,11 +86,15 @@ def test_rate_matched_by_hand():
     (["--codebooks", ""], "codebooks must be a non-empty list"),
     (["--families", "dl,pq"], "families must be a non-empty list of dl, vq, vqp, rvq, fsq, lfq"),
     (["--seeds", "-1"], "seeds must be a non-empty list of ints >= 0"),
+    (["--budgets", "0"], "budgets must be a non-empty list of positive bits per site"),
+    (["--budgets", "1.5"], "no cell of the grid lies within 2.5 bits below a budget of [1.5]"),
+    (["--budgets", "x"], "comma-separated numbers"),
     (["--sparsities", "9"], "sparsities must be <="),
 ])
 def test_cli_rate_distortion_bad_grids_exit_2(tmp_path, capsys, flags, expected):
     argv = ["rate-distortion", "--out", str(tmp_path / "rd"), "--n-e", "8", "--e-dim", "4", "--sparsity", "1", *flags]
-    with pytest.raises(SystemExit) if "integers" in expected else nullcontext():  # argparse's own type errors exit
+    # argparse's own type errors exit
+    with pytest.raises(SystemExit) if "comma-separated" in expected else nullcontext():
         code = main(argv)
         assert code == 2
     assert expected in capsys.readouterr().err
