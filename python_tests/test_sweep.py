@@ -30,8 +30,8 @@ def test_rate_distortion_grid_end_to_end_and_resume(tmp_path, no_pictures, capsy
     rows = {r["cell"]: r for r in result["rows"]}
     assert set(rows) == {"dl-k32-s1-b4", "dl-k32-s1-b8", "dl-k32-s2-b4", "dl-k32-s2-b8", "vq-k8", "vq-k64"}
     for name, r in rows.items():
-        cfg, model, step = load_run(tmp_path / "rd" / name)
-        evaluation = json.loads((tmp_path / "rd" / name / "eval.json").read_text())
+        cfg, model, step = load_run(tmp_path / "rd" / name / "seed0")
+        evaluation = json.loads((tmp_path / "rd" / name / "seed0" / "eval.json").read_text())
         assert step == 2 and r["psnr"] == evaluation["psnr"] and r["perplexity"] == evaluation["perplexity"]
         assert r["psnr_std"] == 0 and r["seeds"] == 1 and r["seconds_per_step"] > 0
         if r["family"] == "dl":
@@ -61,7 +61,7 @@ def test_rate_distortion_grid_end_to_end_and_resume(tmp_path, no_pictures, capsy
     monkeypatch.setattr(sweep, "train", lambda cfg, **kw: resumed.append(cfg) or train(cfg))
     longer = sweep.rate_distortion(TrainConfig(**{**TINY, "steps": 3}, out=str(tmp_path / "rd")), families=["dl", "vq"],
                                    sparsities=[1], bins=[4], codebooks=[8])
-    assert [c.out for c in resumed] == [str(tmp_path / "rd" / n) for n in ("dl-k32-s1-b4", "vq-k8")]
+    assert [c.out for c in resumed] == [str(tmp_path / "rd" / n / "seed0") for n in ("dl-k32-s1-b4", "vq-k8")]
     assert {r["step"] for r in longer["rows"]} == {3}
 
 

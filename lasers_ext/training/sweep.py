@@ -230,7 +230,7 @@ def rate_distortion(base: TrainConfig, *, families: Sequence[str] = tuple(FAMILI
                     bins: Sequence[int] | None = None, codebooks: Sequence[int] | None = None,
                     grid: Mapping[str, Sequence[dict]] | None = None) -> dict:
     """Trains the grid of :func:`default_cells` for every seed in ``seeds`` (default: ``base.seed``) into
-    ``base.out``/CELL (one seed) or ``base.out``/CELL/seedN, writes rate_distortion.md/.json and
+    ``base.out``/CELL/seedN, writes rate_distortion.md/.json and
     pictures/rate_distortion.png there (each family's frontier, error bars of the spread over seeds), prints the table
     and returns {"rows": [...], "equal_rate": [...]}: per cell the mean and standard deviation over seeds of PSNR and
     SSIM, the mean code usage and the median seconds per training step. ``budgets`` (bits per site) keep only the
@@ -252,9 +252,10 @@ def rate_distortion(base: TrainConfig, *, families: Sequence[str] = tuple(FAMILI
         raise ValueError("two cells of the grid have the same configuration")
 
     def run_name(cell: dict, seed: int) -> str:
-        return cell["name"] if len(seeds) == 1 else f"{cell['name']}/seed{seed}"
+        return f"{cell['name']}/seed{seed}"
 
-    results = run_grid(base, [(run_name(c, s), {**c["overrides"], "seed": s}) for c in cells for s in seeds])
+    # seed by seed: every family has its first seed before any has its second
+    results = run_grid(base, [(run_name(c, s), {**c["overrides"], "seed": s}) for s in seeds for c in cells])
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
     out = Path(base.out)
