@@ -19,8 +19,9 @@ from test_distributed import _assert_same_logs, _assert_same_state, _checkpoint,
 
 from lasers_ext import Autoencoder
 from lasers_ext.tokens import TokenGrammar
-from lasers_ext.training import TrainConfig, load_run, sweep, train
+from lasers_ext.training import TrainConfig, evaluate_run, load_run, sweep, train
 from lasers_ext.training import loop as loop_mod
+from lasers_ext.training.cli import main
 from lasers_ext.training.config import build_model
 from lasers_ext.training.peers import (
     FSQPeer,
@@ -380,6 +381,21 @@ def test_stage2_prior_and_samples_for_every_peer(tmp_path, no_pictures, kind):
     peer.check_tokens(tokens.reshape(-1, peer.tokens_per_site))  # every cached token in its slot's range
     images = sample_images(run, 3, seed=1, progress=False)
     assert images.shape == (3, 3, 16, 16) and float(images.min()) >= 0 and float(images.max()) <= 1
+    again = evaluate_run(run, progress=False)  # lasers eval: the same numbers as the training's final evaluation
+    assert again == json.loads((run / "eval.json").read_text()) and again["step"] == 2
+
+
+def test_compare_stage2_takes_peer_models(tmp_path, no_pictures, capsys):
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "steps": 2, "sparsity": 2}.items()
+             if not isinstance(v, bool)]
+    prior = [f"--prior-{k.replace('_', '-')}={v}" for k, v in PRIOR.items() if not isinstance(v, bool)]
+    code = main(["compare", "--stage2", "--models", "fsq-vae,rvq-vae", "--out", str(tmp_path / "cmp"), *flags,
+                 "--no-progress", *prior, "--no-prior-progress"])
+    assert code == 0
+    table = (tmp_path / "cmp" / "stage2.md").read_text()
+    assert "| fsq-vae + prior | 48 |" in table and "| rvq-vae + prior | 32 |" in table
+    assert set(json.loads((tmp_path / "cmp" / "stage2.json").read_text())) == {"fsq-vae", "rvq-vae"}
+    assert "| fsq-vae | 2 |" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
 def test_rate_distortion_grid_with_every_family_end_to_end(tmp_path, no_pictures, capsys):
