@@ -30,8 +30,8 @@ def test_rate_distortion_grid_end_to_end_and_resume(tmp_path, no_pictures, capsy
     rows = {r["cell"]: r for r in result["rows"]}
     assert set(rows) == {"dl-k32-s1-b4", "dl-k32-s1-b8", "dl-k32-s2-b4", "dl-k32-s2-b8", "vq-k8", "vq-k64"}
     for name, r in rows.items():
-        cfg, model, step = load_run(tmp_path / "rd" / name)
-        evaluation = json.loads((tmp_path / "rd" / name / "eval.json").read_text())
+        cfg, model, step = load_run(tmp_path / "rd" / name / "seed0")
+        evaluation = json.loads((tmp_path / "rd" / name / "seed0" / "eval.json").read_text())
         assert step == 2 and r["psnr"] == evaluation["psnr"] and r["perplexity"] == evaluation["perplexity"]
         assert r["psnr_std"] == 0 and r["seeds"] == 1 and r["seconds_per_step"] > 0
         if r["family"] == "dl":
@@ -63,7 +63,7 @@ def test_rate_distortion_grid_end_to_end_and_resume(tmp_path, no_pictures, capsy
     monkeypatch.setattr(sweep, "train", lambda cfg, **kw: resumed.append(cfg) or train(cfg))
     longer = sweep.rate_distortion(TrainConfig(**{**TINY, "steps": 3}, out=str(tmp_path / "rd")), families=["dl", "vq"],
                                    sparsities=[1], bins=[4], codebooks=[8])
-    assert [c.out for c in resumed] == [str(tmp_path / "rd" / n) for n in ("dl-k32-s1-b4", "vq-k8")]
+    assert [c.out for c in resumed] == [str(tmp_path / "rd" / n / "seed0") for n in ("dl-k32-s1-b4", "vq-k8")]
     assert {r["step"] for r in longer["rows"]} == {3}
 
 
@@ -88,11 +88,15 @@ def test_rate_matched_by_hand():
     (["--codebooks", ""], "codebooks must be a non-empty list"),
     (["--families", "dl,pq"], "families must be a non-empty list of dl, vq, vqp, rvq, fsq, lfq"),
     (["--seeds", "-1"], "seeds must be a non-empty list of ints >= 0"),
+    (["--budgets", "0"], "budgets must be a non-empty list of positive bits per site"),
+    (["--budgets", "1.5"], "no cell of the grid lies within 2.5 bits below a budget of [1.5]"),
+    (["--budgets", "x"], "comma-separated numbers"),
     (["--sparsities", "9"], "sparsities must be <="),
 ])
 def test_cli_rate_distortion_bad_grids_exit_2(tmp_path, capsys, flags, expected):
     argv = ["rate-distortion", "--out", str(tmp_path / "rd"), "--n-e", "8", "--e-dim", "4", "--sparsity", "1", *flags]
-    with pytest.raises(SystemExit) if "integers" in expected else nullcontext():  # argparse's own type errors exit
+    # argparse's own type errors exit
+    with pytest.raises(SystemExit) if "comma-separated" in expected else nullcontext():
         code = main(argv)
         assert code == 2
     assert expected in capsys.readouterr().err

@@ -71,6 +71,14 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _float_list(text: str) -> list[float]:
+    """'10,13.5' -> [10.0, 13.5] for argparse."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _add_fields(group: argparse._ArgumentGroup, cls, flag_prefix: str = "", dest_prefix: str = "",
                 defaults: dict | None = None) -> None:
     """One flag per field of the options dataclass ``cls`` (``--<flag_prefix><name>``, stored as
@@ -188,7 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bins", type=_int_list, default=None,
                    help="DL coefficient bins B (with --sparsities; default 8,16,32 when only --sparsities is given)")
     p.add_argument("--codebooks", type=_int_list, default=None,
-                   help="VQ codebook sizes K: VQ's cells (default: the matched-rate grid, K = 1024 and 8192)")
+                   help="codebook sizes K of VQ's and VectorQuantize's cells (default: the matched-rate grid, K = 1024 "
+                   "and 8192)")
+    p.add_argument("--budgets", type=_float_list, default=None,
+                   help="rates in bits per site: train only the cells at most 2.5 bits below one of them, and compare "
+                   "the families at these budgets (default: 10,13,16,26,40,64, every cell)")
     _add_config_options(p, **RD_DEFAULTS)
 
     p = sub.add_parser("sweep", help="the paper's ablations: DL-VAE and VQ-VAE over dictionary sizes K at one "
@@ -310,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             from .sweep import FAMILIES, rate_distortion
 
             rate_distortion(_config_from(args, **RD_DEFAULTS), families=args.families or tuple(FAMILIES),
-                            seeds=args.seeds, sparsities=args.sparsities, bins=args.bins, codebooks=args.codebooks)
+                            seeds=args.seeds, budgets=args.budgets, sparsities=args.sparsities, bins=args.bins,
+                            codebooks=args.codebooks)
         elif args.command == "sweep":
             from .sweep import ablation
 

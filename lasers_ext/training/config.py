@@ -170,13 +170,6 @@ class TrainConfig:
         return self.model.split("-")[0]
 
     @property
-    def latent_channels(self) -> int:
-        """Channels of the latent: e_dim, or FSQ's levels / LFQ's bits, which fix their own."""
-        if self.kind == "fsq":
-            return len(parse_levels(self.fsq_levels))
-        return self.lfq_bits if self.kind == "lfq" else self.e_dim
-
-    @property
     def gan(self) -> bool:
         return self.model.endswith("-gan")
 

@@ -11,7 +11,8 @@ kind       vector-quantize-pytorch module                                  bits 
            restarts, its rotation-trick gradient)
 ``rvq``    ``ResidualVQ``: Q stages of ``VectorQuantize``, same options    Q log2 K        Q
 ``fsq``    ``FSQ`` with levels L_1..L_d                                    sum log2 L_i    d
-``lfq``    ``LFQ`` with G groups of log2 K bits (entropy loss 0.1)         G log2 K        G
+``lfq``    ``LFQ`` with G groups of log2 K bits (entropy loss 0.1; its     G log2 K        G
+           codebook entropy over all processes under torch.distributed)
 =========  ==============================================================  ==============  ====================
 
 ``forward(z)`` for z (B, C, H, W) returns ``(z_q, loss, info)``: z_q (B, C, H, W) in z's dtype (the quantizers work in
@@ -35,11 +36,15 @@ when one is built.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
 import numbers
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 from torch import Tensor, nn
 
 from ..quantizer import QuantizerInfo, check_quantizer_call, straight_through
@@ -340,6 +345,28 @@ class FSQPeer(PeerQuantizer):
         return (level - self.half_width) / self.half_width
 
 
+@contextlib.contextmanager
+def _lfq_global_mean():
+    """Under torch.distributed, LFQ's codebook entropy must use the batch-average code probabilities of all
+    processes. vector-quantize-pytorch (up to 1.32 at least) drops the result of its differentiable all-reduce and
+    uses the local average divided by the world size; this swaps in the intended mean for the duration of a forward
+    (outside torch.distributed nothing changes)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        yield
+        return
+    module = importlib.import_module("vector_quantize_pytorch.lookup_free_quantization")
+    original = module.maybe_distributed_mean
+
+    def global_mean(t: Tensor) -> Tensor:
+        return dist_nn.all_reduce(t) / dist.get_world_size()
+
+    module.maybe_distributed_mean = global_mean
+    try:
+        yield
+    finally:
+        module.maybe_distributed_mean = original
+
+
 class LFQPeer(PeerQuantizer):
     """vector-quantize-pytorch's ``LFQ`` (lookup-free quantization): each latent channel becomes its sign (+-1),
     in ``groups`` groups of log2(codebook_size) channels; the loss is its entropy term (weight
@@ -375,7 +402,8 @@ class LFQPeer(PeerQuantizer):
                 f"entropy_loss_weight={self.entropy_loss_weight}")
 
     def _quantize(self, sites: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        out, indices, loss = self.lfq(sites)
+        with _lfq_global_mean():
+            out, indices, loss = self.lfq(sites)
         indices = indices.reshape(*sites.shape[:2], self.groups)
         return out, indices + self._offsets(sites.device), loss
 

@@ -16,7 +16,7 @@ import math
 import os
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..tokens import TokenCodec
@@ -47,9 +47,12 @@ _DEFAULT_GRID = {
     "fsq": [{"fsq_levels": "8,5,5,5"}, {"fsq_levels": "8,8,5,5,5"}, {"fsq_levels": "8,8,8,5,5,5"},
             {"fsq_levels": ",".join(["8"] * 8)}, {"fsq_levels": ",".join(["8"] * 13)},
             {"fsq_levels": ",".join(["16"] * 16)}],
-    "lfq": [{"lfq_bits": 10, "lfq_groups": 1}, {"lfq_bits": 13, "lfq_groups": 1}, {"lfq_bits": 16, "lfq_groups": 2},
-            {"lfq_bits": 26, "lfq_groups": 2}, {"lfq_bits": 40, "lfq_groups": 4}, {"lfq_bits": 64, "lfq_groups": 8}],
+    # LFQ's entropy loss scores every site against all 2^bits codes of a group: groups of at most 10 bits (13 bits
+    # in one group cost 3 s per step on a 2-core CPU)
+    "lfq": [{"lfq_bits": 10, "lfq_groups": 1}, {"lfq_bits": 12, "lfq_groups": 2}, {"lfq_bits": 16, "lfq_groups": 2},
+            {"lfq_bits": 24, "lfq_groups": 3}, {"lfq_bits": 40, "lfq_groups": 5}, {"lfq_bits": 64, "lfq_groups": 8}],
 }
+_SLACK = 2.5  # a cell matches a budget b when its rate lies in [b - _SLACK, b]
 # the paper's ablations: Table 4 (dictionary size K at S = 4, VQ at the same K), Table 5 (sparsity S at K = 512)
 ABLATION_DEFAULTS = {"sizes": (64, 256, 512), "size_sparsity": 4, "sparsities": (2, 4, 5, 8, 10), "sparsity_size": 512}
 # what a table row keeps of a cell's evaluation
@@ -122,14 +125,16 @@ def _cell_name(kind: str, cfg: TrainConfig) -> tuple[str, str]:
 
 
 def default_cells(base: TrainConfig, families: Sequence[str], *, sparsities: Sequence[int] | None = None,
-                  bins: Sequence[int] | None = None, codebooks: Sequence[int] | None = None) -> list[dict]:
+                  bins: Sequence[int] | None = None, codebooks: Sequence[int] | None = None,
+                  grid: Mapping[str, Sequence[dict]] | None = None) -> list[dict]:
     """The grid's cells, [{"family", "name", "config", "overrides", "bits_per_site"}], for ``families`` (kinds of
-    FAMILIES): the matched-rate default grid, except that ``sparsities`` and ``bins`` make DL's cells the product
-    S x B at ``base.n_e`` atoms and ``codebooks`` VQ's cells one per K."""
-    unknown = [f for f in families if f not in FAMILIES]
+    FAMILIES): the matched-rate default grid, with each family of ``grid`` ({family: [TrainConfig overrides, ...]})
+    in place of its default cells, and ``sparsities`` and ``bins`` making DL's cells the product S x B at
+    ``base.n_e`` atoms, ``codebooks`` VQ's and VectorQuantize's cells one per K."""
+    unknown = [f for f in [*families, *(grid or {})] if f not in FAMILIES]
     if not families or unknown:
         raise ValueError(f"families must be a non-empty list of {', '.join(FAMILIES)}, got {list(families)}")
-    grid = {k: list(v) for k, v in _DEFAULT_GRID.items()}
+    grid = {**{k: list(v) for k, v in _DEFAULT_GRID.items()}, **{k: list(v) for k, v in (grid or {}).items()}}
     if sparsities is not None or bins is not None:
         ss = _positive_ints("sparsities", sparsities if sparsities is not None else [1, 2, 3, 5])
         bb = _positive_ints("bins", bins if bins is not None else [8, 16, 32], minimum=2)
@@ -138,7 +143,7 @@ def default_cells(base: TrainConfig, families: Sequence[str], *, sparsities: Seq
             raise ValueError(f"sparsities must be <= min(n_e, e_dim * patch_size^2) = {limit}, got {max(ss)}")
         grid["dl"] = [{"n_e": base.n_e, "sparsity": s, "coeff_bins": b} for s in ss for b in bb]
     if codebooks is not None:
-        grid["vq"] = [{"n_e": k} for k in _positive_ints("codebooks", codebooks, minimum=2)]
+        grid["vq"] = grid["vqp"] = [{"n_e": k} for k in _positive_ints("codebooks", codebooks, minimum=2)]
     cells = []
     for family in dict.fromkeys(families):
         for overrides in grid[family]:
@@ -151,11 +156,13 @@ def default_cells(base: TrainConfig, families: Sequence[str], *, sparsities: Seq
 
 
 def _seconds_per_step(run: Path) -> float | None:
-    """The median seconds per training step over a run's logging windows (a resume restarts the clock; windows
-    that straddle it are left out), from its metrics.jsonl; None without two records."""
+    """The median seconds per training step over a run's logging windows, from its metrics.jsonl (``elapsed_s``
+    counts from the start of the process's training loop: the first record's window starts at step 0, a resume
+    restarts the clock and the window that straddles it is left out); None without a record."""
     records = [r for r in read_records(run / "metrics.jsonl") if r.get("kind") == "train" and "elapsed_s" in r]
-    rates = [(b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"]) for a, b in zip(records, records[1:])
-             if b["step"] > a["step"] and b["elapsed_s"] > a["elapsed_s"]]
+    rates = [r["elapsed_s"] / r["step"] for r in records[:1] if r["step"] > 0]
+    rates += [(b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"]) for a, b in zip(records, records[1:])
+              if b["step"] > a["step"] and b["elapsed_s"] > a["elapsed_s"]]
     return statistics.median(rates) if rates else None
 
 
@@ -221,25 +228,36 @@ def _table(rows: list[dict], matched: list[dict]) -> str:
 
 
 def rate_distortion(base: TrainConfig, *, families: Sequence[str] = tuple(FAMILIES), seeds: Sequence[int] | None = None,
-                    budgets: Sequence[float] = RD_BUDGETS, sparsities: Sequence[int] | None = None,
-                    bins: Sequence[int] | None = None, codebooks: Sequence[int] | None = None) -> dict:
+                    budgets: Sequence[float] | None = None, sparsities: Sequence[int] | None = None,
+                    bins: Sequence[int] | None = None, codebooks: Sequence[int] | None = None,
+                    grid: Mapping[str, Sequence[dict]] | None = None) -> dict:
     """Trains the grid of :func:`default_cells` for every seed in ``seeds`` (default: ``base.seed``) into
-    ``base.out``/CELL (one seed) or ``base.out``/CELL/seedN, writes rate_distortion.md/.json and
+    ``base.out``/CELL/seedN, writes rate_distortion.md/.json and
     pictures/rate_distortion.png there (each family's frontier, error bars of the spread over seeds), prints the table
     and returns {"rows": [...], "equal_rate": [...]}: per cell the mean and standard deviation over seeds of PSNR and
-    SSIM, the mean code usage and the median seconds per training step. ``base.model`` is ignored."""
+    SSIM, the mean code usage and the median seconds per training step. ``budgets`` (bits per site) keep only the
+    cells within 2.5 bits below one of them and are the equal-rate table's budgets (default: RD_BUDGETS, every
+    cell). ``base.model`` is ignored."""
     seeds = _positive_ints("seeds", [base.seed] if seeds is None else seeds, minimum=0)
-    if not budgets or any(not (isinstance(b, (int, float)) and b > 0 and math.isfinite(b)) for b in budgets):
+    if budgets is not None and (not budgets or any(
+            isinstance(b, bool) or not isinstance(b, (int, float)) or not (b > 0 and math.isfinite(b))
+            for b in budgets)):
         raise ValueError(f"budgets must be a non-empty list of positive bits per site, got {list(budgets)}")
-    cells = default_cells(base, families, sparsities=sparsities, bins=bins, codebooks=codebooks)
+    cells = default_cells(base, families, sparsities=sparsities, bins=bins, codebooks=codebooks, grid=grid)
+    if budgets is not None:
+        cells = [c for c in cells if any(b - _SLACK <= c["bits_per_site"] <= b + 1e-9 for b in budgets)]
+        if not cells:
+            raise ValueError(f"no cell of the grid lies within {_SLACK} bits below a budget of {list(budgets)}")
+    budgets = RD_BUDGETS if budgets is None else tuple(budgets)
     names = {c["name"] for c in cells}
     if len(names) != len(cells):
         raise ValueError("two cells of the grid have the same configuration")
 
     def run_name(cell: dict, seed: int) -> str:
-        return cell["name"] if len(seeds) == 1 else f"{cell['name']}/seed{seed}"
+        return f"{cell['name']}/seed{seed}"
 
-    results = run_grid(base, [(run_name(c, s), {**c["overrides"], "seed": s}) for c in cells for s in seeds])
+    # seed by seed: every family has its first seed before any has its second
+    results = run_grid(base, [(run_name(c, s), {**c["overrides"], "seed": s}) for s in seeds for c in cells])
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
     out = Path(base.out)
