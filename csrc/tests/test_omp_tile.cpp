@@ -1,8 +1,9 @@
 // The blocked CPU kernel (cpu/omp_tile.h) against the per-vector reference core::host_encode, bit for bit (indices
-// and coefficient bits), float32 and float64, for each tile shape the CPU kernel instantiates (AVX-512, AVX2,
-// baseline), over random problems and degenerate rows: zero, non-finite, tiny and huge vectors, tol stops, exactly
-// sparse vectors (zero residual), zero and duplicate atoms (dependent atoms), K not a multiple of the atom block,
-// N not a multiple of the tile and smaller than one tile. Built by CMake and run by ctest; argv[1] = problems.
+// and coefficient bits), float32 and float64, for every SIMD level this CPU runs (AVX-512, AVX2, portable), each in
+// the Gram form and the Gram-free form, over random problems and degenerate rows: zero, non-finite, tiny and huge
+// vectors, tol stops, exactly sparse vectors (zero residual), zero and duplicate atoms (dependent atoms), K not a
+// multiple of the atom block, N not a multiple of the tile and smaller than one tile, so that the vectors of one
+// tile stop at different steps. Built by CMake and run by ctest; argv[1] = problems.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -46,51 +47,107 @@ void reference_codes(const lasers::core::HostProblem<T>& p, const std::vector<T>
   for (int64_t n = 0; n < N; ++n) lasers::core::host_encode<T>(p, x.data() + n * p.M, w, &idx[n * p.S], &coef[n * p.S]);
 }
 
-template <typename T, int W, int Regs>
+// The tile kernel of one SIMD level (Level: lasers::tile::avx512, avx2 or portable, wrapped below), every scratch
+// value poisoned with NaN first and every output poisoned: each must be written before it is read.
+template <typename T, typename Level>
 void tile_codes(const lasers::core::HostProblem<T>& p, const std::vector<T>& x, std::vector<int64_t>& idx,
                 std::vector<T>& coef) {
-  constexpr int V = lasers::tile::Shape<W, Regs>::V;
-  using Scratch = lasers::tile::TileScratch<T>;
-  std::vector<T> values(Scratch::values(V, p.K, p.M, p.S), std::numeric_limits<T>::quiet_NaN());  // poisoned
-  std::vector<const T*> pointers(Scratch::pointers(p.S));
-  const Scratch w = Scratch::carve(values.data(), pointers.data(), V, p.K, p.M, p.S);
+  typename Level::template Work<T> w(p.K, p.M, p.S, p.gram == nullptr);
+  for (auto* v : {&w.x, &w.alpha0, &w.alpha, &w.lanes, &w.rows_buf, &w.neg_gamma})
+    for (auto& a : *v) a = std::numeric_limits<T>::quiet_NaN();
+  const int V = Level::template lanes<T>();
   const int64_t N = static_cast<int64_t>(x.size()) / p.M;
-  idx.assign(N * p.S, -7);  // poisoned: every element must be written
+  idx.assign(N * p.S, -7);
   coef.assign(N * p.S, std::numeric_limits<T>::quiet_NaN());
   for (int64_t n0 = 0; n0 < N; n0 += V) {
     const int n = static_cast<int>(N - n0 < V ? N - n0 : V);
-    lasers::tile::encode_tile<T, W, Regs>(p, x.data() + n0 * p.M, n, w, &idx[n0 * p.S], &coef[n0 * p.S]);
+    Level::encode_tile(p, x.data() + n0 * p.M, n, w, &idx[n0 * p.S], &coef[n0 * p.S]);
   }
 }
+
+#define LASERS_LEVEL(NAME)                                                                                      \
+  struct Level_##NAME {                                                                                         \
+    static constexpr const char* name = #NAME;                                                                  \
+    template <typename T>                                                                                       \
+    using Work = lasers::tile::NAME::Work<T>;                                                                   \
+    template <typename T>                                                                                       \
+    static constexpr int lanes() {                                                                              \
+      return lasers::tile::NAME::kV<T>;                                                                         \
+    }                                                                                                           \
+    template <typename T>                                                                                       \
+    static void encode_tile(const lasers::core::HostProblem<T>& p, const T* xs, int n, Work<T>& w, int64_t* idx, \
+                            T* coef) {                                                                          \
+      lasers::tile::NAME::encode_tile<T>(p, xs, n, w, idx, coef);                                                 \
+    }                                                                                                           \
+  };
+LASERS_LEVEL(portable)
+#ifdef LASERS_X86_LEVELS
+LASERS_LEVEL(avx2)
+LASERS_LEVEL(avx512)
+#endif
+#undef LASERS_LEVEL
 
 template <typename T>
 bool same_bits(T a, T b) {
   return std::memcmp(&a, &b, sizeof(T)) == 0;
 }
 
-template <typename T, int W, int Regs>
-void compare(const lasers::core::HostProblem<T>& p, const std::vector<T>& x, const char* what) {
+template <typename T, typename Level>
+void compare(const lasers::core::HostProblem<T>& p, const std::vector<T>& x, const char* what, bool gram_only) {
   std::vector<int64_t> ri, ti;
   std::vector<T> rc, tc;
   reference_codes(p, x, ri, rc);
-  tile_codes<T, W, Regs>(p, x, ti, tc);
-  for (size_t i = 0; i < ri.size(); ++i)
-    if (ri[i] != ti[i] || !same_bits(rc[i], tc[i])) {
-      std::printf("FAIL %s (%s, W=%d, regs=%d, K=%lld M=%lld S=%d N=%lld): slot %zu: reference %lld %.17g, tile "
-                  "%lld %.17g\n",
-                  what, sizeof(T) == 4 ? "float32" : "float64", W, Regs, (long long)p.K, (long long)p.M, p.S,
-                  (long long)(x.size() / p.M), i, (long long)ri[i], double(rc[i]), (long long)ti[i], double(tc[i]));
-      ++failures;
-      return;
-    }
+  for (const bool gram_free : {false, true}) {
+    if (gram_free && gram_only) continue;
+    lasers::core::HostProblem<T> q = p;
+    if (gram_free) q.gram = nullptr;
+    tile_codes<T, Level>(q, x, ti, tc);
+    for (size_t i = 0; i < ri.size(); ++i)
+      if (ri[i] != ti[i] || !same_bits(rc[i], tc[i])) {
+        std::printf("FAIL %s (%s, %s%s, K=%lld M=%lld S=%d N=%lld): slot %zu: reference %lld %.17g, tile "
+                    "%lld %.17g\n",
+                    what, sizeof(T) == 4 ? "float32" : "float64", Level::name, gram_free ? ", Gram-free" : "",
+                    (long long)p.K, (long long)p.M, p.S, (long long)(x.size() / p.M), i, (long long)ri[i],
+                    double(rc[i]), (long long)ti[i], double(tc[i]));
+        ++failures;
+        return;
+      }
+  }
 }
 
-// Every tile shape the CPU kernel instantiates for T.
+// Every SIMD level of the kernel this CPU can run, in the Gram and the Gram-free form.
+// gram_only: p.gram is not the atoms' Gram matrix (the chosen-atom test), so the Gram-free form does not apply.
 template <typename T>
-void compare_all(const lasers::core::HostProblem<T>& p, const std::vector<T>& x, const char* what) {
-  compare<T, 64 / sizeof(T), 32>(p, x, what);
-  compare<T, 32 / sizeof(T), 16>(p, x, what);
-  compare<T, 16 / sizeof(T), 16>(p, x, what);
+void compare_all(const lasers::core::HostProblem<T>& p, const std::vector<T>& x, const char* what,
+                 bool gram_only = false) {
+  compare<T, Level_portable>(p, x, what, gram_only);
+#ifdef LASERS_X86_LEVELS
+  if (__builtin_cpu_supports("x86-64-v3")) compare<T, Level_avx2>(p, x, what, gram_only);
+  if (__builtin_cpu_supports("x86-64-v4")) compare<T, Level_avx512>(p, x, what, gram_only);
+#endif
+}
+
+// The chosen-atom rule (an already chosen atom wins the argmax only at noise level; then alpha is searched again with
+// the chosen atoms masked). With a consistent Gram matrix the correlations of chosen atoms stay far below the stop
+// level, so random problems never reach it; a "Gram matrix" whose off-diagonal entries are not symmetric leaves the
+// second chosen atom a correlation of order one, which reaches that branch at every step. The kernels must still
+// follow host_encode's operations exactly.
+template <typename T>
+void check_chosen_atom_rule(std::mt19937& rng) {
+  std::normal_distribution<double> nd;
+  std::uniform_int_distribution<int> pick(0, 1 << 30);
+  for (int it = 0; it < 60; ++it) {
+    const int64_t M = 2 + pick(rng) % 6, K = 2 + pick(rng) % 10, N = 1 + pick(rng) % 20;
+    const int S = 1 + pick(rng) % static_cast<int>(std::min(M, K));
+    std::vector<T> d(K * M), x(N * M);
+    for (auto& v : d) v = static_cast<T>(nd(rng));
+    for (auto& v : x) v = static_cast<T>(nd(rng));
+    Prepared<T> prep(d, K, M);
+    for (int64_t a = 0; a < K; ++a)
+      for (int64_t b = 0; b < K; ++b)
+        if (a != b) prep.gram[a * K + b] = static_cast<T>(prep.gram[a * K + b] + 0.3 * nd(rng));
+    compare_all(prep.problem(S, T(-1)), x, "chosen-atom rule", true);
+  }
 }
 
 template <typename T>
@@ -109,6 +166,13 @@ void run(std::mt19937& rng, int problems) {
         d[0 * M + m] = T(0);
         d[(K - 1) * M + m] = T(-3) * d[1 * M + m];
       }
+    }
+    if (it % 7 == 3) {  // clustered, nearly dependent atoms: Cholesky pivots just above the limit, and correlations
+                        // of chosen atoms at the noise level that can win the argmax (the chosen-atom rule)
+      const double spread = std::ldexp(1.0, -2 - pick(rng) % (sizeof(T) == 4 ? 10 : 24));
+      const int64_t centres = 1 + pick(rng) % 3;
+      for (int64_t k = centres; k < K; ++k)
+        for (int64_t m = 0; m < M; ++m) d[k * M + m] = static_cast<T>(d[(k % centres) * M + m] + spread * nd(rng));
     }
     for (auto& v : x) v = static_cast<T>(nd(rng));
     const Prepared<T> prep(d, K, M);
@@ -185,6 +249,8 @@ int main(int argc, char** argv) {
   check_gram_rows<double>(rng);
   run<float>(rng, problems);
   run<double>(rng, problems);
+  check_chosen_atom_rule<float>(rng);
+  check_chosen_atom_rule<double>(rng);
   // the paper's shape, a few tiles
   {
     std::normal_distribution<double> nd;
