@@ -34,12 +34,13 @@ FAMILIES = {"dl": "DL (Batch-OMP)", "vq": "VQ (EMA, the paper's baseline)", "vqp
             "rvq": "ResidualVQ", "fsq": "FSQ", "lfq": "LFQ"}
 # the matched rates (bits per latent site) of the default grid: the equal-rate table's budgets
 RD_BUDGETS = (10.0, 13.0, 16.0, 26.0, 40.0, 64.0)
-# The default grid: one cell per family at (or just below) each budget. VQ and VectorQuantize stop at 13 bits
+# The default grid: one cell per family at (or just below) each budget (DL: 10, 13, 16, 25, 39.4 and 63.1 bits with
+# the support counted as a set). VQ and VectorQuantize stop at 13 bits
 # (K = 8192): a single codebook of 2^16 or more codewords costs a (sites x K) distance matrix per step.
 _DEFAULT_GRID = {
     "dl": [{"n_e": 256, "sparsity": 1, "coeff_bins": 4}, {"n_e": 512, "sparsity": 1, "coeff_bins": 16},
            {"n_e": 512, "sparsity": 1, "coeff_bins": 128}, {"n_e": 512, "sparsity": 2, "coeff_bins": 16},
-           {"n_e": 512, "sparsity": 3, "coeff_bins": 16}, {"n_e": 512, "sparsity": 5, "coeff_bins": 12}],
+           {"n_e": 512, "sparsity": 3, "coeff_bins": 32}, {"n_e": 512, "sparsity": 5, "coeff_bins": 32}],
     "vq": [{"n_e": 1024}, {"n_e": 8192}],
     "vqp": [{"n_e": 1024}, {"n_e": 8192}],
     "rvq": [{"n_e": 32, "rvq_quantizers": 2}, {"n_e": 90, "rvq_quantizers": 2}, {"n_e": 256, "rvq_quantizers": 2},
