@@ -34,6 +34,7 @@ from lasers_ext.training.peers import (
 )
 from lasers_ext.training.prior import PriorConfig, sample_images, train_prior
 from lasers_ext.training.runs import CHECKPOINT
+from lasers_ext.training.spatial_depth import SpatialDepthPrior, event_spec
 
 pytest.importorskip("vector_quantize_pytorch")
 
@@ -393,7 +394,7 @@ def test_compare_stage2_takes_peer_models(tmp_path, no_pictures, capsys):
                  "--no-progress", *prior, "--no-prior-progress"])
     assert code == 0
     table = (tmp_path / "cmp" / "stage2.md").read_text()
-    assert "| fsq-vae + prior | 48 |" in table and "| rvq-vae + prior | 32 |" in table
+    assert "| fsq-vae | spatial-depth | 48 |" in table and "| rvq-vae | spatial-depth | 32 |" in table
     assert set(json.loads((tmp_path / "cmp" / "stage2.json").read_text())) == {"fsq-vae", "rvq-vae"}
     assert "| fsq-vae | 2 |" in (tmp_path / "cmp" / "compare.md").read_text()
 
@@ -471,3 +472,30 @@ def test_two_process_gloo_step_with_kmeans_and_restarts(tmp_path):
 
 def test_parse_levels_accepts_lists_and_text():
     assert parse_levels("8, 5,5,5") == parse_levels([8, 5, 5, 5]) == (8, 5, 5, 5)
+
+
+@pytest.mark.parametrize("make", [lambda: VQPeer(4, 16), lambda: RVQPeer(4, 8, 3), lambda: FSQPeer([8, 5, 5, 5]),
+                                  lambda: LFQPeer(16, 2)], ids=["vqp", "rvq", "fsq", "lfq"])
+def test_spatial_depth_prior_reads_every_peer(make):
+    # the events of a peer's tokens: one per token slot; their contributions sum to the z_q the tokens decode to,
+    # the tokens round-trip, and samples of an untrained prior respect each slot's range (FSQ: 8, 5, 5, 5 levels)
+    q = make().eval()
+    z = torch.randn(2, q.e_dim, 3, 3)
+    z_q, _, info = q(z)
+    tokens = info[2].reshape(2, -1)
+    spec = event_spec(q)
+    atoms, bins = spec.to_events(tokens)
+    assert torch.equal(spec.to_tokens(atoms, bins), tokens)
+    total = spec.contributions(atoms, bins, torch.arange(spec.depth), spec.codebooks, spec.levels).sum(2)
+    torch.testing.assert_close(total, z_q.permute(0, 2, 3, 1).reshape(2, 9, -1), rtol=0, atol=1e-6)
+    prior = SpatialDepthPrior(spec, (3, 3), width=32, layers=1, heads=2, depth_layers=1)
+    atoms, bins, log_prob = prior.sample(64, generator=torch.Generator().manual_seed(0))
+    widths = torch.tensor([end - first for first, end in q.token_ranges])
+    assert (atoms >= 0).all() and (atoms < widths).all()
+    torch.testing.assert_close(log_prob, prior.log_prob(atoms, bins), rtol=1e-5, atol=1e-4)
+    assert q.get_codebook_entry(spec.to_tokens(atoms, bins).reshape(-1), (64, 3, 3, q.e_dim)).isfinite().all()
+    if spec.limits:  # FSQ: the last channel has 5 levels, id 7 is no code of it
+        bad = atoms.clone()
+        bad[0, 0, -1] = spec.atoms - 1
+        with pytest.raises(ValueError, match="below"):
+            spec.check(bad, bins)

@@ -157,6 +157,12 @@ class PeerQuantizer(nn.Module):
     def _decode(self, tokens: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def slot_codewords(self) -> Tensor:
+        """What each token of a site adds to its latent: (T, K, e_dim) float32, K the widest slot's range, zero past
+        a slot's end; a site decodes (as :meth:`_decode`) to the sum over slots j of [j, token_j - slot j's first id].
+        Stage 2's spatial-depth prior reads the peers' codes through it."""
+        raise NotImplementedError
+
     def forward(self, z: Tensor, temp=None, rescale_logits: bool = False, return_logits: bool = False):
         check_quantizer_call(z, self.e_dim, temp, rescale_logits, return_logits)
         if z.numel() and not bool(torch.isfinite(z).all()):
@@ -272,6 +278,9 @@ class VQPeer(PeerQuantizer):
     def _decode(self, tokens: Tensor) -> Tensor:
         return self.vq.codebook.detach().float()[tokens[:, 0]]
 
+    def slot_codewords(self) -> Tensor:
+        return self.vq.codebook.detach().float()[None].clone()
+
 
 class RVQPeer(PeerQuantizer):
     """vector-quantize-pytorch's ``ResidualVQ``: ``num_quantizers`` stages of ``VectorQuantize`` (K codewords each,
@@ -312,6 +321,9 @@ class RVQPeer(PeerQuantizer):
             z = z + codebooks[q][tokens[:, q] - q * self.codebook_size]
         return z
 
+    def slot_codewords(self) -> Tensor:
+        return self.rvq.codebooks.detach().float().clone()
+
 
 class FSQPeer(PeerQuantizer):
     """vector-quantize-pytorch's ``FSQ`` (finite scalar quantization): latent channel i is bounded and rounded to
@@ -343,6 +355,14 @@ class FSQPeer(PeerQuantizer):
     def _decode(self, tokens: Tensor) -> Tensor:
         level = (tokens - self._offsets(tokens.device)).float()
         return (level - self.half_width) / self.half_width
+
+    def slot_codewords(self) -> Tensor:
+        widest = max(self.levels)
+        out = torch.zeros(self.e_dim, widest, self.e_dim, device=self.half_width.device)
+        for i, n in enumerate(self.levels):  # channel i at level l: ((l - h) / h) e_i
+            h = self.half_width[i]
+            out[i, :n, i] = (torch.arange(n, device=out.device).float() - h) / h
+        return out
 
 
 @contextlib.contextmanager
@@ -411,6 +431,14 @@ class LFQPeer(PeerQuantizer):
         code = tokens - self._offsets(tokens.device)  # (M, G)
         bits = (code.unsqueeze(-1) & self.bit_values) != 0  # (M, G, bits)
         return (bits.float() * 2 - 1).reshape(tokens.shape[0], self.e_dim)
+
+    def slot_codewords(self) -> Tensor:
+        k, b = self.codebook_size, self.group_bits
+        signs = ((torch.arange(k, device=self.bit_values.device)[:, None] & self.bit_values) != 0).float() * 2 - 1
+        out = torch.zeros(self.groups, k, self.e_dim, device=signs.device)
+        for g in range(self.groups):  # group g's code: the signs of its channels g b .. (g + 1) b - 1
+            out[g, :, g * b:(g + 1) * b] = signs
+        return out
 
 
 def peer_bits(kind: str, *, n_e: int, rvq_quantizers: int, fsq_levels: str, lfq_bits: int) -> float:

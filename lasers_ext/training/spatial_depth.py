@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..bottleneck import SparseDictBottleneck
 from ..tokens import TokenCodec
 from ..vq import VectorQuantizer
+from .peers import PeerQuantizer
 
 __all__ = ["CausalBlock", "EventSpec", "SpatialDepthPrior", "event_spec", "filter_logits", "check_temperature",
            "LAYOUTS"]
@@ -93,8 +94,10 @@ class EventSpec:
     the site's events are pads; ``distinct``: an atom appears at most once per site; ``codebooks`` (G, K, M) float,
     G = 1 (one codebook for every depth) or D (one per depth, as residual VQ); ``levels`` (B,) the coefficient
     values of the bins; ``layout`` how an image's tokens hold the events: ``"codec"`` (:class:`TokenCodec`: per site
-    ``atom_1, bin_1, ..., pads``) or ``"index"`` (per site D ids in [0, K)). ``kind`` names the bottleneck in error
-    messages.
+    ``atom_1, bin_1, ..., pads``) or ``"index"`` (per site D ids, event j's id plus ``offsets[j]``). ``limits``:
+    event j takes ids in [0, limits[j]) only (None: all K; FSQ's channels have different numbers of levels);
+    ``offsets``: the flat token id of event j's id 0 (None: 0 for every event; the peers' tokens share one vocabulary).
+    ``kind`` names the bottleneck in error messages.
     """
 
     depth: int
@@ -106,6 +109,8 @@ class EventSpec:
     levels: Tensor | None = None
     layout: str = "index"
     kind: str = "codes"
+    limits: tuple[int, ...] | None = None
+    offsets: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("depth", "atoms"):
@@ -120,6 +125,18 @@ class EventSpec:
             raise ValueError("the codec layout holds DL codes: it needs bins, stop and distinct atoms")
         if self.distinct and not self.stop and self.depth > self.atoms:
             raise ValueError(f"{self.depth} distinct atoms per site cannot come from {self.atoms} without a stop")
+        for name in ("limits", "offsets"):
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(value)
+                low, high = (1, self.atoms) if name == "limits" else (0, math.inf)
+                if len(value) != self.depth or any(isinstance(v, bool) or not isinstance(v, int) for v in value) \
+                        or min(value) < low or max(value) > high:
+                    raise ValueError(f"{name} must be {self.depth} ints (limits in [1, {self.atoms}], offsets "
+                                     f">= 0), got {value!r}")
+                if self.layout == "codec":
+                    raise ValueError(f"{name} apply to the index layout only")
+                setattr(self, name, value)
         cb = self.codebooks
         if not isinstance(cb, Tensor) or cb.dim() != 3 or cb.shape[0] not in (1, self.depth) \
                 or cb.shape[1] != self.atoms or not cb.is_floating_point():
@@ -142,7 +159,20 @@ class EventSpec:
     def signature(self) -> dict:
         """The spec without its tensors: what a trained prior's checkpoint must agree with."""
         return {"kind": self.kind, "depth": self.depth, "atoms": self.atoms, "bins": self.bins, "stop": self.stop,
-                "distinct": self.distinct, "codebooks": list(self.codebooks.shape), "layout": self.layout}
+                "distinct": self.distinct, "codebooks": list(self.codebooks.shape), "layout": self.layout,
+                "limits": None if self.limits is None else list(self.limits),
+                "offsets": None if self.offsets is None else list(self.offsets)}
+
+    def valid(self, device: torch.device | None = None) -> Tensor:
+        """Which atom-or-stop ids each event may take by the spec alone, bool (D, K [+1 with stops])."""
+        ids = torch.arange(self.atoms + (1 if self.stop else 0), device=device)
+        if self.limits is None:
+            return torch.ones(self.depth, ids.numel(), dtype=torch.bool, device=device)
+        limit = torch.tensor(self.limits, device=device)[:, None]
+        return (ids < limit) | (ids == self.atoms)
+
+    def _offsets(self, device: torch.device) -> Tensor:
+        return torch.tensor(self.offsets or (0,) * self.depth, dtype=torch.long, device=device)
 
     def describe(self) -> str:
         bins = f", {self.bins} coefficient bins" if self.bins else ""
@@ -162,7 +192,7 @@ class EventSpec:
             idx, bins = self._codec().decode(tokens.reshape(n, -1, 2 * self.depth))
             atoms = torch.where(idx >= 0, idx, self.atoms)
         else:
-            atoms = tokens.long().reshape(n, -1, self.depth)
+            atoms = tokens.long().reshape(n, -1, self.depth) - self._offsets(tokens.device)
             bins = torch.zeros_like(atoms)
         self.check(atoms, bins)
         return atoms, bins
@@ -172,7 +202,7 @@ class EventSpec:
         if self.layout == "codec":
             idx = torch.where(atoms == self.atoms, -1, atoms)
             return self._codec().encode(idx, bins).flatten(1)
-        return atoms.long().flatten(1)
+        return (atoms.long() + self._offsets(atoms.device)).flatten(1)
 
     def check(self, atoms: Tensor, bins: Tensor) -> None:
         """ValueError unless atoms and bins (N, L, D) are codes this spec allows: ids in range, stops only where
@@ -186,6 +216,8 @@ class EventSpec:
         if int(atoms.min()) < 0 or int(atoms.max()) >= top:
             raise ValueError(f"{self.describe()}: atom ids must be in [0, {top}), got values in "
                              f"[{int(atoms.min())}, {int(atoms.max())}]")
+        if self.limits is not None and bool((atoms >= torch.tensor(self.limits, device=atoms.device)).any()):
+            raise ValueError(f"{self.describe()}: event j's ids must be below {list(self.limits)}[j]")
         if int(bins.min()) < 0 or int(bins.max()) >= (self.bins or 1):
             raise ValueError(f"{self.describe()}: bins must be in [0, {self.bins or 1}), got values in "
                              f"[{int(bins.min())}, {int(bins.max())}]")
@@ -215,7 +247,8 @@ class EventSpec:
 
 def event_spec(bottleneck: nn.Module) -> EventSpec:
     """The :class:`EventSpec` of a trained bottleneck's tokens: ``SparseDictBottleneck`` with ``coeff_bins`` (DL),
-    ``VectorQuantizer`` (VQ), or any bottleneck with an ``event_spec()`` method (the peer adapters)."""
+    ``VectorQuantizer`` (VQ), a peer adapter (:class:`~.peers.PeerQuantizer`: one event per token slot), or any
+    bottleneck with an ``event_spec()`` method."""
     if hasattr(bottleneck, "event_spec"):
         return bottleneck.event_spec()
     if isinstance(bottleneck, SparseDictBottleneck):
@@ -226,6 +259,13 @@ def event_spec(bottleneck: nn.Module) -> EventSpec:
             return EventSpec(bottleneck.sparsity, bottleneck.n_e, bottleneck.codec.bins, True, True,
                              bottleneck.atoms().detach().float()[None].clone(),
                              bottleneck.coeff_quantizer.levels().detach().float().clone(), "codec", "DL")
+    if isinstance(bottleneck, PeerQuantizer):
+        widths = [end - first for first, end in bottleneck.token_ranges]
+        with torch.no_grad():
+            codebooks = bottleneck.slot_codewords()
+        return EventSpec(len(widths), max(widths), None, False, False, codebooks, None, "index",
+                         bottleneck.kind.upper(), limits=None if len(set(widths)) == 1 else tuple(widths),
+                         offsets=tuple(first for first, _ in bottleneck.token_ranges))
     if isinstance(bottleneck, VectorQuantizer):
         return EventSpec(1, bottleneck.n_e, None, False, False, bottleneck.embedding.weight.detach().float()[None]
                          .clone(), None, "index", "VQ")
@@ -284,6 +324,7 @@ class SpatialDepthPrior(nn.Module):
         groups = spec.codebooks.shape[0]
         self.register_buffer("codebooks", spec.codebooks.detach().float().clone())
         self.register_buffer("levels", None if spec.levels is None else spec.levels.detach().float().clone())
+        self.register_buffer("valid", spec.valid(), persistent=False)  # (D, classes): ids each event may take
         scale = spec.codebooks.float().norm(dim=-1).mean()
         if spec.levels is not None:
             scale = scale * spec.levels.float().abs().mean()
@@ -372,12 +413,12 @@ class SpatialDepthPrior(nn.Module):
         earlier in the site masked when distinct), and which events are modelled, bool (N, L, D) (not after a
         stop: those are pads)."""
         n, sites, depth = atoms.shape
-        ok = torch.ones(n, sites, depth, self.classes, dtype=torch.bool, device=atoms.device)
+        ok = self.valid.expand(n, sites, depth, self.classes)
         if self.spec.distinct:
             chosen = F.one_hot(atoms, self.classes).cumsum(2) - F.one_hot(atoms, self.classes)  # before event j
             if self.spec.stop:
                 chosen[..., self.spec.atoms] = 0
-            ok = chosen == 0
+            ok = ok & (chosen == 0)
         if self.spec.stop:
             stops = (atoms == self.spec.atoms).long()
             active = (stops.cumsum(2) - stops) == 0
@@ -479,7 +520,7 @@ class SpatialDepthPrior(nn.Module):
                 for block, cache in zip(self.depth, depth_caches):
                     d = block(d, cache)
                 o = self.depth_norm(d[:, 0])
-                logits = self._atom_logits(o, jt).float().masked_fill(chosen, -math.inf)
+                logits = self._atom_logits(o, jt).float().masked_fill(chosen | ~self.valid[j], -math.inf)
                 if not torch.isfinite(logits.amax(-1)).all():
                     raise ValueError("the prior's logits are not finite: its weights are damaged or diverged; "
                                      "retrain it")
