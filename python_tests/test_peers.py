@@ -471,3 +471,9 @@ def test_two_process_gloo_step_with_kmeans_and_restarts(tmp_path):
 
 def test_parse_levels_accepts_lists_and_text():
     assert parse_levels("8, 5,5,5") == parse_levels([8, 5, 5, 5]) == (8, 5, 5, 5)
+
+
+def test_missing_vector_quantize_pytorch_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "vector_quantize_pytorch", None)  # as if not installed
+    code = main(["train", "--model", "fsq-vae", "--out", str(tmp_path / "run"), "--steps", "1", "--no-progress"])
+    assert code == 2 and "pip install vector-quantize-pytorch" in capsys.readouterr().err
