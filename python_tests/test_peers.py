@@ -499,3 +499,9 @@ def test_spatial_depth_prior_reads_every_peer(make):
         bad[0, 0, -1] = spec.atoms - 1
         with pytest.raises(ValueError, match="below"):
             spec.check(bad, bins)
+
+
+def test_missing_vector_quantize_pytorch_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "vector_quantize_pytorch", None)  # as if not installed
+    code = main(["train", "--model", "fsq-vae", "--out", str(tmp_path / "run"), "--steps", "1", "--no-progress"])
+    assert code == 2 and "pip install vector-quantize-pytorch" in capsys.readouterr().err

@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_results_table({result["model"]: result}))
         else:
             return _reconstruct(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"lasers {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -204,7 +204,7 @@ def plot_rate_distortion(curves: Mapping[str, Sequence[tuple]], path: str | Path
     value at or below each rate) drawn as a line."""
     if not curves or not any(curves.values()):
         raise ValueError("need at least one curve with points")
-    fig = _new_figure(7.2, 4.8)
+    fig = _new_figure(9.0, 4.6)
     ax = fig.subplots()
     for i, (name, points) in enumerate(curves.items()):
         pts = sorted((float(p[0]), float(p[1]), str(p[2]), float(p[3]) if len(p) > 3 else 0.0) for p in points
@@ -221,10 +221,15 @@ def plot_rate_distortion(curves: Mapping[str, Sequence[tuple]], path: str | Path
         for b, v, lab, _ in pts if annotate else ():
             ax.annotate(lab, (b, v), textcoords="offset points", xytext=(3, 3), fontsize=7, color=f"C{i}")
     ax.set_xscale("log", base=2)
+    ticks: list[float] = []  # the points' rates, rounded, at least 15% apart on the log axis
+    for b in sorted({round(float(p[0])) for points in curves.values() for p in points if math.isfinite(p[0])}):
+        if b > 0 and (not ticks or b >= ticks[-1] * 1.15):
+            ticks.append(b)
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.set_xlabel("bits per latent site (log scale)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over a point
     path = _prepare(path)
     fig.savefig(path)
     return path

@@ -198,7 +198,7 @@ def _value(r: dict, key: str, fmt: str) -> str:
 def _table(rows: list[dict], matched: list[dict]) -> str:
     seeds = max(r["seeds"] for r in rows)
     spread = f" (mean ± standard deviation over {seeds} seeds)" if seeds > 1 else ""
-    lines = [f"PSNR, SSIM and code usage on the test crops{spread}; seconds per training step on this machine.", "",
+    lines = [f"PSNR, SSIM and code usage on the test images{spread}; seconds per training step on this machine.", "",
              "| family | configuration | bits / site | PSNR (dB) | SSIM | perplexity | active codes | s / step |",
              "|---|---|---|---|---|---|---|---|"]
     order = list(FAMILIES)
