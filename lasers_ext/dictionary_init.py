@@ -83,12 +83,13 @@ def spherical_kmeans(x: Tensor, atoms: Tensor, iters: int) -> Tensor:
 
 
 @torch.no_grad()
-def worst_coded(x: Tensor, z_hat: Tensor, count: int) -> Tensor:
-    """Row indices (count',) of the ``count`` worst-coded rows of x (N, M) by their codes z_hat (N, M): largest
-    squared residual ||x - z_hat||^2 first, the lower row index first on ties; only rows with a residual > 0 and a
-    nonzero x, so count' <= count."""
+def worst_coded(x: Tensor, z_hat: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """The ``count`` worst-coded rows of x (N, M) by their codes z_hat (N, M): (their squared residuals
+    ||x - z_hat||^2 (count',), their row indices (count',)), largest residual first, the lower row index first on
+    ties; only rows with a residual > 0 and a nonzero x, so count' <= count."""
     residual = ((x - z_hat) ** 2).sum(dim=1)
     usable = (residual > 0) & (x.norm(dim=1) > 0) & torch.isfinite(residual)
     residual = torch.where(usable, residual, -1.0)
     order = torch.sort(residual, descending=True, stable=True).indices[:count]
-    return order[usable[order]]
+    order = order[usable[order]]
+    return residual[order], order
