@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backends import BACKENDS
-from .dictionary_init import INIT_MODES, kmeanspp_atoms, sample_atoms, spherical_kmeans, unit_rows, worst_coded
+from .dictionary_init import (
+    INIT_MODES,
+    kmeanspp_atoms,
+    sample_atoms,
+    sorted_rows,
+    spherical_kmeans,
+    unit_rows,
+    worst_coded,
+)
 from .ops import batch_omp, gather_atoms, least_squares_backward, sparse_decode
 from .quantizer import (
     QuantizerInfo,
@@ -402,7 +410,7 @@ class SparseDictBottleneck(nn.Module):
         done = torch.zeros((), dtype=torch.long, device=weight.device)
         if not ddp or dist.get_rank() == 0:
             generator = torch.Generator().manual_seed(self.init_seed)
-            rows = unit_rows(x.to(torch.float64).cpu())
+            rows = sorted_rows(unit_rows(x.to(torch.float64).cpu()))  # the same draws in any order of the sites
             limit = INIT_SAMPLES_PER_ATOM * self.n_e
             if rows.shape[0] > limit:
                 rows = rows[torch.randperm(rows.shape[0], generator=generator)[:limit]]

@@ -13,7 +13,14 @@ import torch.multiprocessing as mp
 
 from lasers_ext import SparseDictBottleneck, build_autoencoder
 from lasers_ext.bottleneck import rotation_trick
-from lasers_ext.dictionary_init import kmeanspp_atoms, sample_atoms, spherical_kmeans, unit_rows, worst_coded
+from lasers_ext.dictionary_init import (
+    kmeanspp_atoms,
+    sample_atoms,
+    sorted_rows,
+    spherical_kmeans,
+    unit_rows,
+    worst_coded,
+)
 from lasers_ext.training import TrainConfig, cli
 from lasers_ext.training.config import PAPER_LEVERS, build_model
 from lasers_ext.training.runs import saved_config
@@ -32,6 +39,13 @@ def same_line(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_unit_rows_drops_zero_and_non_finite_rows():
     x = torch.tensor([[3.0, 4.0], [0.0, 0.0], [float("nan"), 1.0], [0.0, -2.0]])
     assert torch.equal(unit_rows(x), torch.tensor([[0.6, 0.8], [0.0, -1.0]]))
+
+
+def test_sorted_rows_is_a_canonical_order(gen):
+    x = torch.tensor([[1.0, 2.0], [0.0, 5.0], [1.0, -1.0], [0.0, 5.0]])
+    assert sorted_rows(x).tolist() == [[0.0, 5.0], [0.0, 5.0], [1.0, -1.0], [1.0, 2.0]]
+    y = torch.randint(0, 3, (50, 3), generator=gen).float()
+    assert torch.equal(sorted_rows(y[torch.randperm(50, generator=gen)]), sorted_rows(y))
 
 
 def test_kmeanspp_seeds_one_atom_per_line(gen):
@@ -127,6 +141,9 @@ def test_worst_coded_by_hand():
     residual, rows = worst_coded(x, z_hat, 3)
     assert rows.tolist() == [1, 3] and residual.tolist() == [4.0, 4.0]
     assert worst_coded(x, z_hat, 1)[1].tolist() == [1]
+    # a residual at rounding level (below 1e-10 ||x||^2) is an exact code: not a candidate
+    assert worst_coded(torch.tensor([[1e3, 0.0]]), torch.tensor([[1e3, 1e-4]]), 1)[1].tolist() == []
+    assert worst_coded(torch.tensor([[1e3, 0.0]]), torch.tensor([[1e3, 1e-1]]), 1)[1].tolist() == [0]
 
 
 def restart_case(update="gradient"):
