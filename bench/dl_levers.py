@@ -47,6 +47,13 @@ ARMS = {
     "rotation": {"gradient": "rotation"},
     "exact": {"gradient": "exact"},
     "all": {"dict_init": "kmeans", "restart_window": 20, "coeff_per_slot": True, "gradient": "rotation"},
+    "lloyd": {"coeff_quant": "lloyd"},
+    "mulaw": {"coeff_quant": "mulaw"},
+    "restart5+lloyd": {"restart_window": 5, "coeff_quant": "lloyd"},
+    "restart5+lloyd+slot": {"restart_window": 5, "coeff_quant": "lloyd", "coeff_per_slot": True},
+    "restart5+lloyd+slot+init": {"restart_window": 5, "coeff_quant": "lloyd", "coeff_per_slot": True,
+                                 "dict_init": "kmeans"},
+    "real": {"coeff_bins": None},  # a diagnostic: real coefficients, no tokens (no rate)
     "vqtorch": None,
 }
 
@@ -72,9 +79,10 @@ class VQPytorchBottleneck(nn.Module):
 def build(arm: str, sparsity: int, seed: int, args) -> tuple[TrainState, TrainConfig]:
     levers = ARMS[arm] or {}
     vq = ARMS[arm] is None
-    cfg = TrainConfig(model="vq-vae" if vq else "dl-vae", n_e=args.n_e, sparsity=sparsity,
-                      coeff_bins=None if vq else args.bins, steps=args.steps, seed=seed, perceptual=False,
-                      device="cpu", progress=False, **levers).validate()
+    options = dict(model="vq-vae" if vq else "dl-vae", n_e=args.n_e, sparsity=sparsity,
+                   coeff_bins=None if vq else args.bins, steps=args.steps, seed=seed, perceptual=False, device="cpu",
+                   progress=False)
+    cfg = TrainConfig(**{**options, **levers}).validate()
     seed_everything(seed)
     state = TrainState.build(cfg, 3, torch.device("cpu"))
     if vq:
@@ -104,9 +112,28 @@ def run_cell(arm: str, sparsity: int, seed: int, args) -> dict:
     b = state.model.bottleneck
     return {"arm": arm, "S": sparsity if ARMS[arm] is not None else 1, "seed": seed, "steps": cfg.steps,
             "psnr": result["psnr"], "ssim": result["ssim"], "active_atoms": result["active_atoms"],
-            "perplexity": result["perplexity"], "K": b.n_e, "bits_per_site": b.bits_per_site,
+            "perplexity": result["perplexity"], "K": b.n_e, "bits_per_site": b.bits_per_site or math.inf,
             "s_per_step": busy / cfg.steps, "restarts": int(getattr(b, "restarts", torch.zeros(()))),
             "levers": {"vector_quantize_pytorch": True} if ARMS[arm] is None else ARMS[arm]}
+
+
+def timing(arms: list[str], sparsity: int, steps: int, args) -> dict[str, float]:
+    """Median seconds per training step of each arm, measured side by side: the arms take turns on the same batch
+    (the order rotated every step), after 5 warm-up steps each."""
+    states = {arm: build(arm, sparsity, 0, args)[0] for arm in arms}
+    rec = ReconstructionLoss(0.5, None)
+    train_set = run_dataset(build(arms[0], sparsity, 0, args)[1], "train")
+    loader = iter(DataLoader(train_set, batch_size=32, shuffle=True, drop_last=True,
+                             generator=torch.Generator().manual_seed(0)))
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    for i in range(steps + 5):
+        x = next(loader) * 2 - 1
+        for arm in arms[i % len(arms):] + arms[:i % len(arms)]:
+            t0 = time.perf_counter()
+            _train_step(states[arm], states[arm].model, x, i, rec, nullcontext())
+            if i >= 5:
+                times[arm].append(time.perf_counter() - t0)
+    return {arm: statistics.median(t) for arm, t in times.items()}
 
 
 def table(rows: list[dict]) -> str:
@@ -122,7 +149,8 @@ def table(rows: list[dict]) -> str:
     lines = ["| lever | S | steps | seeds | PSNR (dB) | atoms used | bits / site | s / step | restarts |",
              "|---|---|---|---|---|---|---|---|---|"]
     order = list(ARMS)
-    for (arm, s, steps), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][1], order.index(kv[0][0]))):
+    for (arm, s, steps), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][1], order.index(kv[0][0])
+                                                                      if kv[0][0] in order else len(order))):
         lines.append(f"| {arm} | {s} | {steps} | {len(rs)} | {stat([r['psnr'] for r in rs], '.2f')} | "
                      f"{stat([r['active_atoms'] for r in rs], '.0f')} / {rs[0]['K']} | {rs[0]['bits_per_site']:.1f} | "
                      f"{stat([r['s_per_step'] for r in rs], '.3f')} | {stat([r['restarts'] for r in rs], '.0f')} |")
@@ -141,9 +169,19 @@ def main() -> None:
     p.add_argument("--vq-codebook", type=int, default=1024)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", action="store_true", help="only print the table of OUT/results.jsonl")
+    p.add_argument("--timing", type=int, default=0, metavar="STEPS",
+                   help="only time the arms side by side for STEPS steps each (at the first of --sparsities)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.timing:
+        s = int(args.sparsities.split(",")[0])
+        medians = timing(args.arms.split(","), s, args.timing, args)
+        record = {"S": s, "steps": args.timing, "threads": args.threads, "median_s_per_step": medians}
+        with (args.out / "timing.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record))
+        return
     path = args.out / "results.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     if not args.table:

@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backends import BACKENDS
-from .dictionary_init import INIT_MODES, kmeanspp_atoms, sample_atoms, spherical_kmeans, unit_rows, worst_coded
+from .dictionary_init import (
+    INIT_MODES,
+    kmeanspp_atoms,
+    sample_atoms,
+    sorted_rows,
+    spherical_kmeans,
+    unit_rows,
+    worst_coded,
+)
 from .ops import batch_omp, gather_atoms, least_squares_backward, sparse_decode
 from .quantizer import (
     QuantizerInfo,
@@ -51,6 +59,20 @@ def rotation_trick(x: Tensor, z_hat: Tensor) -> Tensor:
     rotated = x - 2 * r * (r * x).sum(-1, keepdim=True) + 2 * q * (e * x).sum(-1, keepdim=True)
     rotated = torch.where(ok, (qn / xn.clamp_min(tiny)) * rotated, x)
     return straight_through(rotated, z_hat)
+
+
+def _gather_rows(x: Tensor) -> Tensor:
+    """The rows x (n_r, M) of every rank, concatenated in rank order (ranks may hold different numbers of rows)."""
+    world = dist.get_world_size()
+    count = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = x.new_zeros(max(counts), *x.shape[1:])
+    padded[:x.shape[0]] = x
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:c] for part, c in zip(parts, counts)])
 
 
 class SparseCode(torch.autograd.Function):
@@ -114,14 +136,16 @@ class SparseDictBottleneck(nn.Module):
             seeding on those vectors with OMP's sign-invariant distance 1 - <x, d>^2, then ``init_iters`` rounds of
             spherical k-means; :mod:`lasers_ext.dictionary_init`). Done once, in the first training forward whose
             batch has a nonzero latent vector, from at most 16 K vectors (drawn with ``init_seed``); under
-            torch.distributed from rank 0's batch, broadcast to every rank. The ``initialised`` buffer records it
-            (a state_dict without it, saved before it existed, counts as initialised).
+            torch.distributed from the global batch (all ranks' vectors gathered), decided on rank 0 and broadcast.
+            The ``initialised`` buffer records it (a state_dict without it, saved before it existed, counts as
+            initialised).
         restart_window: None (default) or W: dead-atom restarts. In each training forward an atom that no code of
             the last W training batches used (all ranks counted) is replaced by one of this batch's worst-coded
-            latent vectors (largest squared residual, scaled to unit norm; the worst to the lowest dead atom id), on
-            rank 0 and broadcast. Buffers ``idle_steps`` (K,) and ``restarts`` (the running count, also
-            ``info.restarts``). The batch's codes do not use dead atoms, so its forward is unchanged; the new atoms
-            take part from the next batch. With ``dictionary_update="online"`` their statistics are cleared.
+            latent vectors (largest squared residual, scaled to unit norm; the worst to the lowest dead atom id),
+            under torch.distributed the worst of the global batch, the same choice on every rank. Buffers
+            ``idle_steps`` (K,) and ``restarts`` (the running count, also ``info.restarts``). The batch's codes do
+            not use dead atoms, so its forward is unchanged; the new atoms take part from the next batch. With
+            ``dictionary_update="online"`` their statistics are cleared.
         dictionary_update: ``"gradient"`` (the paper's implicit learning through the caller's optimizer) or
             ``"online"``: the learning-rate-free update of the paper's supplementary section 8 (moving statistics A, B
             and one block-coordinate-descent sweep over the atoms per training forward, all-reduced under
@@ -373,16 +397,20 @@ class SparseDictBottleneck(nn.Module):
     @torch.compiler.disable
     @torch.no_grad()
     def _initialise(self, x: Tensor) -> None:
-        """The data-driven start (``init``) from the sites x (N, M) of this batch, once: on rank 0, broadcast."""
+        """The data-driven start (``init``), once, from the sites x (N, M) of this batch, all ranks' sites under
+        torch.distributed (gathered in rank order, as one process would see the global batch): computed on rank 0
+        and broadcast."""
         if bool(self.initialised):
             return
         weight = self.embedding.weight
         ddp = dist.is_available() and dist.is_initialized()
+        if ddp:
+            x = _gather_rows(x)
         atoms = torch.zeros_like(weight)
         done = torch.zeros((), dtype=torch.long, device=weight.device)
         if not ddp or dist.get_rank() == 0:
             generator = torch.Generator().manual_seed(self.init_seed)
-            rows = unit_rows(x.to(torch.float64).cpu())
+            rows = sorted_rows(unit_rows(x.to(torch.float64).cpu()))  # the same draws in any order of the sites
             limit = INIT_SAMPLES_PER_ATOM * self.n_e
             if rows.shape[0] > limit:
                 rows = rows[torch.randperm(rows.shape[0], generator=generator)[:limit]]
@@ -408,7 +436,8 @@ class SparseDictBottleneck(nn.Module):
     def _restart_dead_atoms(self, x: Tensor, indices: Tensor, coeffs: Tensor, atoms: Tensor) -> None:
         """Counts this batch's atom usage (all ranks) into ``idle_steps`` and replaces the atoms idle for
         ``restart_window`` batches by the worst-coded sites of x (N, M) under their codes (indices, coeffs) over
-        ``atoms``, chosen on rank 0 and broadcast."""
+        ``atoms``. Under torch.distributed each rank offers its worst sites and every rank picks the same ones from
+        all offers, in the order one process would on the global batch (rank order breaks ties)."""
         used = torch.zeros(self.n_e, dtype=torch.long, device=indices.device)
         used.index_add_(0, indices.clamp(min=0).reshape(-1), (indices >= 0).reshape(-1).long())
         ddp = dist.is_available() and dist.is_initialized()
@@ -418,19 +447,20 @@ class SparseDictBottleneck(nn.Module):
         dead = torch.nonzero(self.idle_steps >= self.restart_window).squeeze(1)  # the same on every rank
         if dead.numel() == 0:
             return
-        weight = self.embedding.weight
-        rows = torch.zeros(dead.numel(), weight.shape[1], dtype=weight.dtype, device=weight.device)
-        count = torch.zeros((), dtype=torch.long, device=weight.device)
-        if not ddp or dist.get_rank() == 0:
-            pick = worst_coded(x, sparse_decode(indices, coeffs, atoms), dead.numel())
-            rows[:pick.numel()] = F.normalize(x[pick], dim=1).to(weight.dtype)
-            count.fill_(pick.numel())
+        d = dead.numel()
+        residual, pick = worst_coded(x, sparse_decode(indices, coeffs, atoms), d)
+        offered = torch.full((d,), -1.0, dtype=residual.dtype, device=x.device)  # -1: no vector offered
+        offered[:pick.numel()] = residual
+        rows = torch.zeros(d, x.shape[1], dtype=x.dtype, device=x.device)
+        rows[:pick.numel()] = x[pick]
         if ddp:
-            dist.broadcast(rows, 0)
-            dist.broadcast(count, 0)
-        n = int(count)
+            offered, rows = _gather_rows(offered.unsqueeze(1)).squeeze(1), _gather_rows(rows)
+        order = torch.sort(offered, descending=True, stable=True).indices[:d]
+        order = order[offered[order] > 0]
+        n = order.numel()
         ids = dead[:n]
-        weight[ids] = rows[:n]
+        weight = self.embedding.weight
+        weight[ids] = F.normalize(rows[order], dim=1).to(weight.dtype)
         self.idle_steps[ids] = 0
         self.restarts += n
         if self.dictionary_update == "online":

@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["INIT_MODES", "unit_rows", "sample_atoms", "kmeanspp_atoms", "spherical_kmeans", "worst_coded"]
+__all__ = ["INIT_MODES", "unit_rows", "sorted_rows", "sample_atoms", "kmeanspp_atoms", "spherical_kmeans",
+           "worst_coded"]
 
 INIT_MODES = ("random", "sample", "kmeans")
+EXACT = 1e-10  # a squared residual below EXACT ||x||^2 counts as an exact code (float32 rounding is ~1e-13 of it)
 
 
 def unit_rows(x: Tensor) -> Tensor:
@@ -21,6 +23,15 @@ def unit_rows(x: Tensor) -> Tensor:
     norms = x.norm(dim=1)
     keep = torch.isfinite(norms) & (norms > 0)
     return x[keep] / norms[keep].unsqueeze(1)
+
+
+def sorted_rows(x: Tensor) -> Tensor:
+    """The rows of x (N, M) in lexicographic order (by column 0, then 1, ...): a canonical order, so that what is
+    drawn from a set of vectors does not depend on the order they came in (one process or several ranks)."""
+    order = torch.arange(x.shape[0], device=x.device)
+    for j in reversed(range(x.shape[1])):  # stable sorts from the last key to the first
+        order = order[torch.sort(x[order, j], stable=True).indices]
+    return x[order]
 
 
 def _check(x: Tensor, k: int) -> None:
@@ -83,12 +94,14 @@ def spherical_kmeans(x: Tensor, atoms: Tensor, iters: int) -> Tensor:
 
 
 @torch.no_grad()
-def worst_coded(x: Tensor, z_hat: Tensor, count: int) -> Tensor:
-    """Row indices (count',) of the ``count`` worst-coded rows of x (N, M) by their codes z_hat (N, M): largest
-    squared residual ||x - z_hat||^2 first, the lower row index first on ties; only rows with a residual > 0 and a
-    nonzero x, so count' <= count."""
+def worst_coded(x: Tensor, z_hat: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """The ``count`` worst-coded rows of x (N, M) by their codes z_hat (N, M): (their squared residuals
+    ||x - z_hat||^2 (count',), their row indices (count',)), largest residual first, the lower row index first on
+    ties; only rows coded worse than rounding (a residual above 1e-10 ||x||^2), so count' <= count: which of the
+    rows coded to rounding precision is "worst" would be noise."""
     residual = ((x - z_hat) ** 2).sum(dim=1)
-    usable = (residual > 0) & (x.norm(dim=1) > 0) & torch.isfinite(residual)
+    usable = (residual > EXACT * (x ** 2).sum(dim=1)) & torch.isfinite(residual)
     residual = torch.where(usable, residual, -1.0)
     order = torch.sort(residual, descending=True, stable=True).indices[:count]
-    return order[usable[order]]
+    order = order[usable[order]]
+    return residual[order], order

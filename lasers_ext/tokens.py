@@ -39,10 +39,11 @@ class CoefficientQuantizer(nn.Module):
 
     Modes: ``"uniform"``: B equally spaced levels from ``low`` to ``high`` (both included); ``"mulaw"``: levels equally
     spaced after mu-law companding of the range mapped to [-1, 1], denser near its centre, where most coefficients lie;
-    ``"lloyd"``: levels placed by the data (Lloyd-Max: each level the mean of the coefficients nearest to it), in the
-    buffer ``table`` ((B,) or (S, B)): uniform over the range when it is first fitted, then in training one
-    moving-average Lloyd step per batch (``decay``; sums and counts all-reduced under torch.distributed), or
-    ``lloyd_iters`` full Lloyd iterations in :meth:`fit`. Values outside the range go to the end levels. B is at most
+    ``"lloyd"``: levels placed by the data (Lloyd-Max: each level the mean of the coefficients nearest to it), kept
+    relative to the range (the buffer ``table``, (B,) or (S, B), in [-1, 1]: level = centre + half-width * table, so
+    they follow the range as it moves): uniform when the range is first fitted, then in training one moving-average
+    Lloyd step per batch (``decay``; sums and counts all-reduced under torch.distributed), or ``lloyd_iters`` full
+    Lloyd iterations in :meth:`fit`. Values outside the range go to the end levels. B is at most
     2**24 (:data:`MAX_BINS`): float32 levels beyond that are not told apart.
 
     ``slots``: None (default) for one range shared by every coefficient, or S for one range per slot (selection
@@ -153,9 +154,10 @@ class CoefficientQuantizer(nn.Module):
         """The levels of ``bins`` (int, values in [0, B); (..., S) with per-slot ranges), unchecked: one formula for
         every decode."""
         if self.mode == "lloyd":
+            mid, half = self._span()
             if self.slots is None:
-                return self.table[bins.long()]
-            return self.table[torch.arange(self.slots, device=bins.device), bins.long()]
+                return mid + half * self.table[bins.long()]
+            return mid + half * self.table[torch.arange(self.slots, device=bins.device), bins.long()]
         y = (2 * bins.to(torch.float64) - (self.bins - 1)) / (self.bins - 1)  # exact ends -1 and 1, symmetric
         if self.mode == "mulaw":
             y = torch.sign(y) * torch.expm1(y.abs() * math.log1p(self.mu)) / self.mu
@@ -166,7 +168,8 @@ class CoefficientQuantizer(nn.Module):
         """The nearest levels' bins (unchecked; the range as it is)."""
         if self.mode == "lloyd":
             c = coeffs.to(self.low.dtype)
-            b = self._nearest(c.reshape(-1, self.slots or 1).T.contiguous()).T.reshape(c.shape)
+            t = self._relative(c.reshape(-1, self.slots or 1))
+            b = self._nearest(t.T.contiguous()).T.reshape(c.shape)
             return torch.where(torch.isnan(c), 0, b)
         mid, half = self._span()
         t = ((coeffs.to(self.low.dtype) - mid) / half).clamp(-1.0, 1.0)
@@ -179,7 +182,8 @@ class CoefficientQuantizer(nn.Module):
         """The B values bins decode to, ascending, in the buffers' dtype: (B,), or (S, B) with per-slot ranges."""
         self.check_fitted()
         if self.mode == "lloyd":
-            return self.table.clone()
+            mid, half = self._span()
+            return mid.unsqueeze(-1) + half.unsqueeze(-1) * self.table
         b = torch.arange(self.bins, device=self.low.device)
         return self._levels_of(b) if self.slots is None else self._levels_of(b.unsqueeze(1)).T
 
@@ -229,14 +233,18 @@ class CoefficientQuantizer(nn.Module):
         return torch.searchsorted(mids, values.contiguous())
 
     def _uniform_rows(self) -> Tensor:
-        """Uniform levels over each slot's range, (width, B)."""
-        mid, half = self._span()
+        """Uniform relative levels, (width, B)."""
         y = torch.linspace(-1.0, 1.0, self.bins, dtype=self.low.dtype, device=self.low.device)
-        return mid.reshape(-1, 1) + half.reshape(-1, 1) * y
+        return y.expand(self.slots or 1, self.bins)
+
+    def _relative(self, c: Tensor) -> Tensor:
+        """Coefficients c (N, width) relative to their slot's range, clamped to [-1, 1]."""
+        mid, half = self._span()
+        return ((c - mid.reshape(-1)) / half.reshape(-1)).clamp(-1.0, 1.0)
 
     def _lloyd_step(self, c: Tensor, keep: Tensor, decay: float, reduce: bool) -> None:
-        """One Lloyd step on coefficients c (N, width) where ``keep``: each level moves towards the mean of the
-        values nearest to it (by 1 - decay; decay 0: onto it); levels without values stay; rows kept sorted.
+        """One Lloyd step on relative coefficients c (N, width) where ``keep``: each level moves towards the mean of
+        the values nearest to it (by 1 - decay; decay 0: onto it); levels without values stay; rows kept sorted.
         ``reduce``: sums and counts all-reduced under torch.distributed."""
         values = c.T.contiguous()
         mask = keep.T
@@ -277,7 +285,7 @@ class CoefficientQuantizer(nn.Module):
         if self.mode == "lloyd":  # rows fitted just now start uniform over their range, then one Lloyd step
             fresh = (update & ~fitted).unsqueeze(1)
             self.table.copy_(torch.where(fresh, self._uniform_rows(), self._rows()).reshape(self.table.shape))
-            self._lloyd_step(c, keep, self.decay, reduce=True)
+            self._lloyd_step(self._relative(c), keep, self.decay, reduce=True)
         self.fitted.logical_or_(update.reshape(self.fitted.shape))
 
     @torch.no_grad()
@@ -309,9 +317,9 @@ class CoefficientQuantizer(nn.Module):
         self.fitted.fill_(True)
         if self.mode == "lloyd":
             self.table.copy_(self._uniform_rows().reshape(self.table.shape))
-            clipped = torch.minimum(torch.maximum(c, ranges[:, 0]), ranges[:, 1])
+            relative = self._relative(c)
             for _ in range(self.lloyd_iters):
-                self._lloyd_step(clipped, keep, 0.0, reduce=False)
+                self._lloyd_step(relative, keep, 0.0, reduce=False)
         return self
 
 

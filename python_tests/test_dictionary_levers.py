@@ -13,7 +13,14 @@ import torch.multiprocessing as mp
 
 from lasers_ext import SparseDictBottleneck, build_autoencoder
 from lasers_ext.bottleneck import rotation_trick
-from lasers_ext.dictionary_init import kmeanspp_atoms, sample_atoms, spherical_kmeans, unit_rows, worst_coded
+from lasers_ext.dictionary_init import (
+    kmeanspp_atoms,
+    sample_atoms,
+    sorted_rows,
+    spherical_kmeans,
+    unit_rows,
+    worst_coded,
+)
 from lasers_ext.training import TrainConfig, cli
 from lasers_ext.training.config import PAPER_LEVERS, build_model
 from lasers_ext.training.runs import saved_config
@@ -32,6 +39,13 @@ def same_line(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_unit_rows_drops_zero_and_non_finite_rows():
     x = torch.tensor([[3.0, 4.0], [0.0, 0.0], [float("nan"), 1.0], [0.0, -2.0]])
     assert torch.equal(unit_rows(x), torch.tensor([[0.6, 0.8], [0.0, -1.0]]))
+
+
+def test_sorted_rows_is_a_canonical_order(gen):
+    x = torch.tensor([[1.0, 2.0], [0.0, 5.0], [1.0, -1.0], [0.0, 5.0]])
+    assert sorted_rows(x).tolist() == [[0.0, 5.0], [0.0, 5.0], [1.0, -1.0], [1.0, 2.0]]
+    y = torch.randint(0, 3, (50, 3), generator=gen).float()
+    assert torch.equal(sorted_rows(y[torch.randperm(50, generator=gen)]), sorted_rows(y))
 
 
 def test_kmeanspp_seeds_one_atom_per_line(gen):
@@ -124,8 +138,12 @@ def test_worst_coded_by_hand():
     x = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 0.0], [3.0, 1.0], [0.0, 5.0]])
     z_hat = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [3.0, -1.0], [0.0, 5.0]])
     # residuals 0, 4, 0 (zero x), 4, 0: rows 1 and 3 tie at 4 (lower index first); no other row has a residual
-    assert worst_coded(x, z_hat, 3).tolist() == [1, 3]
-    assert worst_coded(x, z_hat, 1).tolist() == [1]
+    residual, rows = worst_coded(x, z_hat, 3)
+    assert rows.tolist() == [1, 3] and residual.tolist() == [4.0, 4.0]
+    assert worst_coded(x, z_hat, 1)[1].tolist() == [1]
+    # a residual at rounding level (below 1e-10 ||x||^2) is an exact code: not a candidate
+    assert worst_coded(torch.tensor([[1e3, 0.0]]), torch.tensor([[1e3, 1e-4]]), 1)[1].tolist() == []
+    assert worst_coded(torch.tensor([[1e3, 0.0]]), torch.tensor([[1e3, 1e-1]]), 1)[1].tolist() == [0]
 
 
 def restart_case(update="gradient"):
@@ -189,8 +207,8 @@ def test_restarts_train_with_the_optimizer_and_on_a_real_model(gen):
 def test_resume_is_exact_with_every_lever(gen):
     def make():
         torch.manual_seed(1)
-        return SparseDictBottleneck(12, 3, sparsity=2, init="kmeans", init_iters=3, restart_window=1,
-                                    coeff_bins=8, coeff_per_slot=True, gradient="rotation")
+        return SparseDictBottleneck(24, 3, sparsity=2, init="kmeans", init_iters=3, restart_window=1,
+                                    coeff_bins=8, coeff_per_slot=True, gradient="rotation", coeff_quant="lloyd")
 
     def step(q, opt, z, w):
         z_q, loss, _ = q(z)
@@ -198,7 +216,8 @@ def test_resume_is_exact_with_every_lever(gen):
         ((z_q * w).sum() + loss).backward()
         opt.step()
 
-    data = [(torch.randn(2, 3, 4, 4, generator=gen), torch.randn(2, 3, 4, 4, generator=gen)) for _ in range(6)]
+    # 8 sites of 2 slots per batch for 24 atoms: atoms die (and restart) at every step
+    data = [(torch.randn(2, 3, 2, 2, generator=gen), torch.randn(2, 3, 2, 2, generator=gen)) for _ in range(6)]
     straight = make().train()
     opt = torch.optim.Adam(straight.parameters(), lr=0.05)
     for z, w in data:
@@ -286,14 +305,16 @@ def test_token_round_trip_with_every_lever(gen, sparsity):
 
 
 # ------------------------------------------------------------------------------------------- torch.distributed
+def _levers_module(rank: int) -> SparseDictBottleneck:
+    torch.manual_seed(rank)  # different random atoms per rank: the initialisation must overwrite them identically
+    # 4 x 4 sites per batch for 24 atoms and a window of 1: atoms die and restart at every step
+    return SparseDictBottleneck(24, 3, sparsity=1, init="kmeans", init_iters=2, restart_window=1,
+                                dictionary_update="online").train()
+
+
 def _ddp_worker(rank, world, init_file, batches, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.manual_seed(rank)  # different random atoms per rank: initialisation must overwrite them identically
-    init_only = SparseDictBottleneck(12, 3, sparsity=1, init="kmeans", init_iters=2).train()
-    init_only(batches[0].chunk(world)[rank])
-    torch.save(init_only.state_dict(), os.path.join(out, f"init{rank}.pt"))
-    q = SparseDictBottleneck(24, 3, sparsity=1, init="kmeans", init_iters=2, restart_window=1,
-                             dictionary_update="online").train()  # 8 sites per batch: most atoms die at once
+    q = _levers_module(rank)
     for z in batches:
         q(z.chunk(world)[rank])
     torch.save(q.state_dict(), os.path.join(out, f"rank{rank}.pt"))
@@ -301,18 +322,20 @@ def _ddp_worker(rank, world, init_file, batches, out):
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo")
-def test_initialisation_and_restarts_are_identical_on_every_rank(gen, tmp_path):
-    batches = [torch.randn(2, 3, 2, 2, generator=gen) * (1 + i) for i in range(4)]
+def test_two_processes_initialise_and_restart_as_one_process_on_the_global_batch(gen, tmp_path):
+    batches = [torch.randn(4, 3, 2, 2, generator=gen) * (1 + i) for i in range(4)]
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), batches, str(tmp_path)), nprocs=2, join=True)
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert int(states[0]["restarts"]) > 0 and bool(states[0]["initialised"])
-    for key in states[0]:
+    for key in states[0]:  # identical on every rank
         assert torch.equal(states[0][key], states[1][key]), key
-    # the initialisation is rank 0's: what one process makes of rank 0's half of the first batch
-    single = SparseDictBottleneck(12, 3, sparsity=1, init="kmeans", init_iters=2).train()
-    single(batches[0].chunk(2)[0])
-    for r in range(2):
-        assert torch.equal(torch.load(tmp_path / f"init{r}.pt")["embedding.weight"], single.embedding.weight)
+    single = _levers_module(5)  # the oracle: one process, the whole batches
+    for z in batches:
+        single(z)
+    assert int(single.restarts) > 0 and bool(single.initialised)
+    assert int(states[0]["restarts"]) == int(single.restarts)
+    assert torch.equal(states[0]["idle_steps"], single.idle_steps)
+    for key, value in single.state_dict().items():  # the online statistics are sums in another order: tolerance
+        torch.testing.assert_close(states[0][key], value, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ the training tool

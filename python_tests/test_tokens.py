@@ -551,10 +551,16 @@ def test_lloyd_levels_against_a_brute_force_lloyd(gen):
 
 def test_lloyd_moving_average_step_by_hand():
     q = CoefficientQuantizer(2, "lloyd", decay=0.5)
-    q.observe(torch.tensor([0.0, 1.0, 10.0]))  # range [0, 10]: uniform {0, 10}, then half way to {0.5, 10}
-    torch.testing.assert_close(q.table, torch.tensor([0.25, 10.0]))
-    q.observe(torch.tensor([2.0, 2.0]))  # both nearest to 0.25 (midpoint 5.125): 0.25 -> (0.25 + 2) / 2
-    torch.testing.assert_close(q.table, torch.tensor([1.125, 10.0]))
+    # range [0, 10] (centre 5, half-width 5): relative values {-1, -.8, 1}; uniform {-1, 1}, then half way to the
+    # cells' means {-.9, 1}: {-.95, 1}, i.e. levels {0.25, 10}
+    q.observe(torch.tensor([0.0, 1.0, 10.0]))
+    torch.testing.assert_close(q.table, torch.tensor([-0.95, 1.0]))
+    torch.testing.assert_close(q.levels(), torch.tensor([0.25, 10.0]))
+    # the range moves half way to [2, 2]: [1, 6] (centre 3.5, half-width 2.5); 2 is relative -.6, nearest -.95:
+    # -.95 -> (-.95 - .6) / 2 = -.775, the level 3.5 - 2.5 * .775 = 1.5625; the top level follows the range to 6
+    q.observe(torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(q.table, torch.tensor([-0.775, 1.0]))
+    torch.testing.assert_close(q.levels(), torch.tensor([1.5625, 6.0]))
 
 
 @pytest.mark.parametrize("per_slot", [False, True])
