@@ -253,18 +253,24 @@ bool use_gram(GramMode mode, const PreparedDictionary* cached, int64_t N, int64_
   return cached != nullptr || 2 * N * S >= K;
 }
 
-// The prepared dictionary for one call of N vectors at sparsity S, from the cache where possible.
-std::shared_ptr<const PreparedDictionary> prepared_for_call(const at::Tensor& dictionary, int64_t N, int64_t S) {
+// The prepared dictionary for one call of N vectors at sparsity S (from the cache where possible), and whether the
+// call codes in the Gram form (the matrix is then in it) or the Gram-free form.
+struct CallPlan {
+  std::shared_ptr<const PreparedDictionary> prepared;
+  bool gram;
+};
+
+CallPlan plan_call(const at::Tensor& dictionary, int64_t N, int64_t S) {
   DictionaryCache& cache = DictionaryCache::instance();
   std::optional<DictionaryCache::Key> key = cache.key_of(dictionary);
   std::shared_ptr<const PreparedDictionary> cached = key ? cache.find(*key, dictionary) : nullptr;
   const bool gram = use_gram(gram_mode(), cached.get(), N, dictionary.size(0), S, dictionary.element_size());
-  if (cached && (cached->gram.defined() || !gram)) return cached;
+  if (cached && (cached->gram.defined() || !gram)) return {cached, gram};
   PreparedDictionary prepared = cached ? *cached : prepare_atoms_cpu(dictionary);
   if (gram) prepared = add_gram(std::move(prepared));
   auto out = std::make_shared<const PreparedDictionary>(std::move(prepared));
   if (key) cache.store(std::move(*key), dictionary, out);
-  return out;
+  return {out, gram};
 }
 
 template <typename T>
@@ -304,12 +310,11 @@ std::tuple<at::Tensor, at::Tensor> batch_omp_cpu(const at::Tensor& x, const at::
   if (N == 0) return {indices, coeffs};
 
   const at::Tensor xc = x.contiguous();
-  const std::shared_ptr<const PreparedDictionary> d = prepared_for_call(dictionary, N, sparsity);
-  const bool gram = d->gram.defined() && gram_mode() != GramMode::kFree;
+  const CallPlan plan = plan_call(dictionary, N, sparsity);
   const double tol_value = tol.has_value() ? *tol : -1.0;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_omp_cpu", [&] {
-    batch_omp_cpu_impl<scalar_t>(xc, *d, gram, sparsity, tol_value, indices, coeffs);
+    batch_omp_cpu_impl<scalar_t>(xc, *plan.prepared, plan.gram, sparsity, tol_value, indices, coeffs);
   });
   return {indices, coeffs};
 }
