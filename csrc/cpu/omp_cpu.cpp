@@ -114,8 +114,8 @@ class DictionaryCache {
   };
 
   static DictionaryCache& instance() {
-    static DictionaryCache cache;
-    return cache;
+    static DictionaryCache* cache = new DictionaryCache;  // never destroyed: no tensor freed after libtorch at exit
+    return *cache;
   }
 
   // The key of dictionary, or nothing when it cannot be cached (inference tensors, a zero budget).
