@@ -11,7 +11,8 @@ paper's shape (K=512 atoms, M=16, S=5) over several N. Anchors:
   ``run_omp(alg="v0")``), when it is installed.
 * ``spams-ormp``: SPAMS's ``spams.omp`` (``spams-bin``, C++ with BLAS), which computes ORMP, a different greedy rule;
   CPU only, when installed, timed in processes of its own (bench/spams_anchor.py), best of several, and only
-  when its codes are full (N * S non-zeros).
+  when its codes are full (N * S non-zeros). Its float32 path returns all-zero codes on some CPUs (AMD Zen 5):
+  there a float32 run is anchored on SPAMS float64, and the row records ``"dtype": "float64"``.
 
 On a GPU the CUDA op's other kernels are timed beside its default: ``cuda-general`` (the warp-per-vector kernel that
 takes every shape) and ``cuda-fast-v1`` (the fast path with one vector per warp; the paper's shape only).
@@ -179,14 +180,22 @@ def run(
                 continue
             unit = (dictionary.double() / dictionary.double().norm(dim=1, keepdim=True)).to(dt)
             r = spams_anchor.time_spams(x.numpy(), unit.numpy(), S, torch.get_num_threads(), repeats, spams_processes)
+            anchor_dtype = dtype
+            if not r["full"] and dt == torch.float32:
+                # SPAMS float32 returns all-zero codes on some CPUs (AMD Zen 5): anchor on its float64 path instead
+                print(f"  {spams_anchor.LABEL}: {r['nonzeros']} non-zeros of {n * S} (float32 codes not full), "
+                      "timing its float64 path instead", file=sys.stderr, flush=True)
+                anchor_dtype = "float64"
+                r = spams_anchor.time_spams(x.double().numpy(), unit.double().numpy(), S, torch.get_num_threads(),
+                                            repeats, spams_processes)
             if not r["full"]:
-                print(f"  {spams_anchor.LABEL}: {r['nonzeros']} non-zeros of {n * S} ({dtype} codes not full), "
+                print(f"  {spams_anchor.LABEL}: {r['nonzeros']} non-zeros of {n * S} ({anchor_dtype} codes not full), "
                       "not used as an anchor", file=sys.stderr, flush=True)
                 continue
             rows.append({"impl": spams_anchor.LABEL, "N": n, "timed_N": n, "seconds": n / r["vectors_per_s"],
-                         "vectors_per_s": r["vectors_per_s"]})
+                         "vectors_per_s": r["vectors_per_s"], "dtype": anchor_dtype})
             print(f"  {spams_anchor.LABEL:<14} N={n:<9} timed N={n:<9} {r['vectors_per_s']:>14,.0f} vectors/s "
-                  f"(best of {spams_processes} processes)", file=sys.stderr, flush=True)
+                  f"(best of {spams_processes} processes, {anchor_dtype})", file=sys.stderr, flush=True)
     for n in Ns:
         here = [r for r in rows if r["N"] == n]
         base = next((r["vectors_per_s"] for r in here if r["impl"] == "sklearn"), None)

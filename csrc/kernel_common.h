@@ -49,7 +49,8 @@ inline void check_dictionary(const at::Tensor& dictionary) {
 
 struct PreparedDictionary {
   at::Tensor atoms_t;   // (M, K) normalised atoms, transposed (alpha0 = sum_m x_m * atoms_t[m, :] runs over K)
-  at::Tensor gram;      // (K, K) Gram matrix of the normalised atoms, row-major, symmetric
+  at::Tensor gram;      // (K, K) Gram matrix of the normalised atoms, row-major, symmetric (undefined where the CPU
+                        // kernel codes in its Gram-free form)
   at::Tensor inv_norm;  // (K) 1 / ||atom_k|| (0 for zero atoms): converts coefficients back to the given atoms
 };
 

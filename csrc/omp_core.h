@@ -287,38 +287,6 @@ LASERS_HOST_INLINE T host_combine_rows(T* out, const T* base, const T* const* ro
 }
 
 // max_k |a[k]| (0 for an all-zero a).
-// Rows [a0, a1) (at most kGramRows) of the Gram matrix from the transposed unit atoms ut (M, K), for the columns
-// b >= a0, mirrored into columns [a0, a1): every entry is gram_entry's fma chain (m ascending). fma(x, y, z) ==
-// fma(y, x, z) exactly, so the matrix is exactly symmetric and G_ba needs no chain of its own: about half the work,
-// the same bits. The columns go in blocks of kGramCols, so that the accumulators (acc: kGramRows * kGramCols doubles
-// of scratch) stay in L1 and the mirrored writes land kGramRows at a time in each row. Calls for different row
-// blocks (multiples of kGramRows) write disjoint entries, so they may run in parallel.
-constexpr int64_t kGramRows = 8;
-constexpr int64_t kGramCols = 256;
-
-template <typename T>
-LASERS_HOST_INLINE void host_gram_rows(const T* ut, int64_t K, int64_t M, int64_t a0, int64_t a1, double* acc,
-                                       T* gram) {
-  const int64_t R = a1 - a0;
-  for (int64_t b0 = a0; b0 < K; b0 += kGramCols) {
-    const int64_t n = K - b0 < kGramCols ? K - b0 : kGramCols;
-    for (int64_t i = 0; i < R * kGramCols; ++i) acc[i] = 0.0;
-    for (int64_t m = 0; m < M; ++m) {
-      const T* um = ut + m * K + b0;
-      for (int64_t r = 0; r < R; ++r) {
-        const double u = ut[m * K + a0 + r];
-        double* row = acc + r * kGramCols;
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) row[i] = std::fma(u, double(um[i]), row[i]);
-      }
-    }
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t i = 0; i < n; ++i) gram[(a0 + r) * K + b0 + i] = static_cast<T>(acc[r * kGramCols + i]);
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t r = 0; r < R; ++r) gram[(b0 + i) * K + a0 + r] = static_cast<T>(acc[r * kGramCols + i]);
-  }
-}
-
 template <typename T>
 LASERS_HOST_INLINE T host_abs_max(const T* __restrict__ a, int64_t K) {
   T best = T(0);

@@ -38,37 +38,17 @@ EncodeRange<T> pick_encode_range() {
   return &tile::portable::encode_range<T>;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LASERS_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LASERS_SIMD_CLONES
-#endif
-
-// Gram row blocks p and B - 1 - p (B blocks of core::kGramRows rows) for p in [begin, end): core::host_gram_rows
-// computes a block's part right of the diagonal, so a pair is the same work whatever p is, and threads taking ranges
-// of pairs get equal shares. acc: kGramRows * kGramCols doubles.
 template <typename T>
-LASERS_HOST_INLINE void gram_pairs_impl(const T* ut, int64_t K, int64_t M, int64_t begin, int64_t end, double* acc,
-                                        T* gram) {
-  const int64_t blocks = (K + core::kGramRows - 1) / core::kGramRows;
-  auto block = [&](int64_t q) {
-    const int64_t a0 = q * core::kGramRows;
-    core::host_gram_rows(ut, K, M, a0, a0 + core::kGramRows < K ? a0 + core::kGramRows : K, acc, gram);
-  };
-  for (int64_t p = begin; p < end; ++p) {
-    block(p);
-    if (blocks - 1 - p != p) block(blocks - 1 - p);
-  }
-}
+using GramRows = void (*)(const T*, int64_t, int64_t, int64_t, int64_t, T*);
 
-LASERS_SIMD_CLONES void gram_pairs(const float* ut, int64_t K, int64_t M, int64_t begin, int64_t end, double* acc,
-                                   float* gram) {
-  gram_pairs_impl(ut, K, M, begin, end, acc, gram);
-}
-
-LASERS_SIMD_CLONES void gram_pairs(const double* ut, int64_t K, int64_t M, int64_t begin, int64_t end, double* acc,
-                                   double* gram) {
-  gram_pairs_impl(ut, K, M, begin, end, acc, gram);
+template <typename T>
+GramRows<T> pick_gram_rows() {
+#ifdef LASERS_X86_LEVELS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return &tile::avx512::gram_rows<T>;
+  if (__builtin_cpu_supports("x86-64-v3")) return &tile::avx2::gram_rows<T>;
+#endif
+  return &tile::portable::gram_rows<T>;
 }
 
 // The normalised atoms (atoms_t, inv_norm) of dictionary (K, M), float32 or float64, on the CPU: omp_core.h's
@@ -88,18 +68,17 @@ PreparedDictionary prepare_atoms_cpu(const at::Tensor& dictionary) {
   return out;
 }
 
-// prepared with its Gram matrix G_ab = gram_entry(atoms_t, a, b) (float64 chains, one rounding), in parallel.
+// prepared with its Gram matrix G_ab = gram_entry(atoms_t, a, b) (float64 chains, one rounding), rows in parallel
+// (tasks of about 4M multiply-adds: a small matrix is built on the calling thread).
 PreparedDictionary add_gram(PreparedDictionary prepared) {
   const int64_t M = prepared.atoms_t.size(0), K = prepared.atoms_t.size(1);
   prepared.gram = at::empty({K, K}, prepared.atoms_t.options());
   AT_DISPATCH_FLOATING_TYPES(prepared.atoms_t.scalar_type(), "prepare_gram", [&] {
+    static const GramRows<scalar_t> gram_rows = pick_gram_rows<scalar_t>();
     const scalar_t* ut = prepared.atoms_t.const_data_ptr<scalar_t>();
     scalar_t* gram = prepared.gram.mutable_data_ptr<scalar_t>();
-    const int64_t blocks = (K + core::kGramRows - 1) / core::kGramRows;
-    at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> acc(core::kGramRows * core::kGramCols);
-      gram_pairs(ut, K, M, begin, end, acc.data(), gram);
-    });
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 22) / (K * M));
+    at::parallel_for(0, K, grain, [&](int64_t begin, int64_t end) { gram_rows(ut, K, M, begin, end, gram); });
   });
   return prepared;
 }
@@ -135,8 +114,8 @@ class DictionaryCache {
   };
 
   static DictionaryCache& instance() {
-    static DictionaryCache cache;
-    return cache;
+    static DictionaryCache* cache = new DictionaryCache;  // never destroyed: no tensor freed after libtorch at exit
+    return *cache;
   }
 
   // The key of dictionary, or nothing when it cannot be cached (inference tensors, a zero budget).
@@ -274,18 +253,24 @@ bool use_gram(GramMode mode, const PreparedDictionary* cached, int64_t N, int64_
   return cached != nullptr || 2 * N * S >= K;
 }
 
-// The prepared dictionary for one call of N vectors at sparsity S, from the cache where possible.
-std::shared_ptr<const PreparedDictionary> prepared_for_call(const at::Tensor& dictionary, int64_t N, int64_t S) {
+// The prepared dictionary for one call of N vectors at sparsity S (from the cache where possible), and whether the
+// call codes in the Gram form (the matrix is then in it) or the Gram-free form.
+struct CallPlan {
+  std::shared_ptr<const PreparedDictionary> prepared;
+  bool gram;
+};
+
+CallPlan plan_call(const at::Tensor& dictionary, int64_t N, int64_t S) {
   DictionaryCache& cache = DictionaryCache::instance();
   std::optional<DictionaryCache::Key> key = cache.key_of(dictionary);
   std::shared_ptr<const PreparedDictionary> cached = key ? cache.find(*key, dictionary) : nullptr;
   const bool gram = use_gram(gram_mode(), cached.get(), N, dictionary.size(0), S, dictionary.element_size());
-  if (cached && (cached->gram.defined() || !gram)) return cached;
+  if (cached && (cached->gram.defined() || !gram)) return {cached, gram};
   PreparedDictionary prepared = cached ? *cached : prepare_atoms_cpu(dictionary);
   if (gram) prepared = add_gram(std::move(prepared));
   auto out = std::make_shared<const PreparedDictionary>(std::move(prepared));
   if (key) cache.store(std::move(*key), dictionary, out);
-  return out;
+  return {out, gram};
 }
 
 template <typename T>
@@ -325,12 +310,11 @@ std::tuple<at::Tensor, at::Tensor> batch_omp_cpu(const at::Tensor& x, const at::
   if (N == 0) return {indices, coeffs};
 
   const at::Tensor xc = x.contiguous();
-  const std::shared_ptr<const PreparedDictionary> d = prepared_for_call(dictionary, N, sparsity);
-  const bool gram = d->gram.defined() && gram_mode() != GramMode::kFree;
+  const CallPlan plan = plan_call(dictionary, N, sparsity);
   const double tol_value = tol.has_value() ? *tol : -1.0;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_omp_cpu", [&] {
-    batch_omp_cpu_impl<scalar_t>(xc, *d, gram, sparsity, tol_value, indices, coeffs);
+    batch_omp_cpu_impl<scalar_t>(xc, *plan.prepared, plan.gram, sparsity, tol_value, indices, coeffs);
   });
   return {indices, coeffs};
 }

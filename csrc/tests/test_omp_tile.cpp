@@ -75,6 +75,10 @@ void tile_codes(const lasers::core::HostProblem<T>& p, const std::vector<T>& x, 
       return lasers::tile::NAME::kV<T>;                                                                         \
     }                                                                                                           \
     template <typename T>                                                                                       \
+    static void gram_rows(const T* ut, int64_t K, int64_t M, int64_t j0, int64_t j1, T* gram) {                 \
+      lasers::tile::NAME::gram_rows<T>(ut, K, M, j0, j1, gram);                                                 \
+    }                                                                                                           \
+    template <typename T>                                                                                       \
     static void encode_tile(const lasers::core::HostProblem<T>& p, const T* xs, int n, Work<T>& w, int64_t* idx, \
                             T* coef) {                                                                          \
       lasers::tile::NAME::encode_tile<T>(p, xs, n, w, idx, coef);                                                 \
@@ -217,36 +221,44 @@ void run(std::mt19937& rng, int problems) {
 
 }  // namespace
 
-// The CPU op's Gram matrix (core::host_gram_rows: blocks right of the diagonal, mirrored, any order) equals
-// gram_entry's chain for every entry, bit for bit, across block boundaries and with zero atoms.
-template <typename T>
+// The CPU op's Gram matrix (Level::gram_rows, kGramR rows per register block, rows in any order and range) equals
+// gram_entry's chain for every entry, bit for bit, across column and row block boundaries and with a zero atom.
+template <typename T, typename Level>
 void check_gram_rows(std::mt19937& rng) {
   std::normal_distribution<double> nd;
-  for (const int64_t K : {1, 7, 512, 513, 1030}) {
+  for (const int64_t K : {1, 7, 31, 32, 33, 512, 513, 1030}) {
     for (const int64_t M : {1, 16, 33}) {
       std::vector<T> d(K * M);
       for (auto& v : d) v = static_cast<T>(nd(rng));
       for (int64_t m = 0; m < M && K > 3; ++m) d[3 * M + m] = T(0);  // a zero atom
       const Prepared<T> prep(d, K, M);
       std::vector<T> gram(K * K, T(-7));  // poisoned: every entry must be written
-      std::vector<double> acc(lasers::core::kGramRows * lasers::core::kGramCols);
-      const int64_t R = lasers::core::kGramRows;
-      for (int64_t a0 = (K - 1) / R * R; a0 >= 0; a0 -= R)  // row blocks in reverse: any order must do
-        lasers::core::host_gram_rows(prep.atoms_t.data(), K, M, a0, a0 + R < K ? a0 + R : K, acc.data(), gram.data());
+      const int64_t split = K / 3;         // two ranges, the second first
+      Level::gram_rows(prep.atoms_t.data(), K, M, split, K, gram.data());
+      Level::gram_rows(prep.atoms_t.data(), K, M, 0, split, gram.data());
       if (std::memcmp(gram.data(), prep.gram.data(), sizeof(T) * K * K) != 0) {
-        std::printf("FAIL gram rows K=%lld M=%lld (%s)\n", static_cast<long long>(K), static_cast<long long>(M),
-                    sizeof(T) == 4 ? "float" : "double");
+        std::printf("FAIL gram rows (%s) K=%lld M=%lld (%s)\n", Level::name, static_cast<long long>(K),
+                    static_cast<long long>(M), sizeof(T) == 4 ? "float" : "double");
         ++failures;
       }
     }
   }
 }
 
+template <typename T>
+void check_gram_rows_all(std::mt19937& rng) {
+  check_gram_rows<T, Level_portable>(rng);
+#ifdef LASERS_X86_LEVELS
+  if (__builtin_cpu_supports("x86-64-v3")) check_gram_rows<T, Level_avx2>(rng);
+  if (__builtin_cpu_supports("x86-64-v4")) check_gram_rows<T, Level_avx512>(rng);
+#endif
+}
+
 int main(int argc, char** argv) {
   const int problems = argc > 1 ? std::atoi(argv[1]) : 300;
   std::mt19937 rng(12345);
-  check_gram_rows<float>(rng);
-  check_gram_rows<double>(rng);
+  check_gram_rows_all<float>(rng);
+  check_gram_rows_all<double>(rng);
   run<float>(rng, problems);
   run<double>(rng, problems);
   check_chosen_atom_rule<float>(rng);
