@@ -124,8 +124,9 @@ class TrainConfig:
     dict_init: str = option("random", "DL only: the dictionary's start: random (Gaussian, the paper's), sample (latent "
                           "vectors of the first training batch) or kmeans (k-means++ and spherical k-means on them)",
                           choices=("random", "sample", "kmeans"))
-    restart_window: int | None = option(None, "DL only: replace an atom unused for this many training steps by the "
-                                      "batch's worst-coded latent vector (default: no restarts)")
+    restart_window: int | None = option(5, "DL only: replace an atom unused for this many training steps by the "
+                                      "batch's worst-coded latent vector (0 or --paper-defaults: no restarts, the "
+                                      "paper's; docs/dl-levers.md measures it)")
     ema_decay: float = option(0.99, "VQ only: EMA decay of the codebook")
     # the strong peers (vector-quantize-pytorch); vqp and rvq take K from --n-e and their codeword width from --e-dim
     rvq_quantizers: int = option(3, "rvq only: residual stages Q (Q log2 K bits per site)")
@@ -199,8 +200,10 @@ class TrainConfig:
         if self.kind == "dl" and self.sparsity > min(self.n_e, self.e_dim * self.patch_size ** 2):
             raise ValueError(f"sparsity must be <= min(n_e, e_dim * patch_size^2) = "
                              f"{min(self.n_e, self.e_dim * self.patch_size ** 2)}, got {self.sparsity}")
-        if self.restart_window is not None and self.restart_window < 1:
-            raise ValueError(f"restart_window must be None or >= 1, got {self.restart_window}")
+        if self.restart_window is not None and self.restart_window < 0:
+            raise ValueError(f"restart_window must be >= 0 (0: no restarts), got {self.restart_window}")
+        if self.restart_window == 0:
+            self.restart_window = None  # one spelling of "no restarts" in the records
         if self.kind == "dl" and self.gradient == "exact" and self.dictionary_update == "online":
             raise ValueError("gradient exact trains the dictionary by gradients; it does not combine with "
                              "dictionary_update online")
