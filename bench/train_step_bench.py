@@ -8,7 +8,9 @@ discriminator active from the first step) and mode (``eager``; ``compiled``: ``t
 it times whole training steps (forward, backward, optimiser, and the discriminator's step for GANs) of the two models
 alternately on the same batch, the order swapped every step, and takes the median after warm-up. Then the profiler
 reads the time of ``lasers_ext::batch_omp`` in a few DL steps (device time on a GPU, CPU time on the CPU), so the
-bottleneck's share of the step is known. Models are the paper's (hidden 128, K = 512, e_dim 16, S = 5) unless
+bottleneck's share of the step is known. The DL bottleneck has the paper's settings (``PAPER_LEVERS``: dead-atom
+restarts, the training tool's default, are a host-side step outside any compiled graph, which ``fullgraph=True``
+refuses). Models are the paper's (hidden 128, K = 512, e_dim 16, S = 5) unless
 ``--hidden`` etc. say otherwise; bfloat16 autocast on CUDA as the training tool (``--no-amp`` to switch it off).
 
 Each row of the JSON has "setting", "pair", "compiled", "vq_step_ms", "dl_step_ms", "dl_over_vq", "omp_ms",
@@ -30,6 +32,7 @@ import torch
 
 from lasers_ext.models import ReconstructionLoss
 from lasers_ext.training import TrainConfig, TrainState
+from lasers_ext.training.config import PAPER_LEVERS
 from lasers_ext.training.loop import _train_step
 
 
@@ -57,7 +60,7 @@ class _Runner:
         cfg = TrainConfig(model=model_name, image_size=size, batch_size=batch, hidden=args.hidden,
                           res_hidden=args.res_hidden, n_e=args.n_e, e_dim=args.e_dim, sparsity=args.sparsity,
                           disc_start=0, ndf=args.ndf, disc_layers=args.disc_layers, perceptual=False,
-                          device=device.type, amp=args.amp, progress=False)
+                          device=device.type, amp=args.amp, progress=False, **PAPER_LEVERS)
         torch.manual_seed(0)
         self.state = TrainState.build(cfg.validate(), 3, device)
         self.net = self.state.model
