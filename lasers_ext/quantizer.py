@@ -79,12 +79,13 @@ def _rebuild_quantizer_info(items: tuple, extra: dict) -> QuantizerInfo:
 
 
 @torch.no_grad()
-def usage_statistics(indices: Tensor, coeffs: Tensor, atoms: Tensor) -> dict[str, Tensor]:
+def usage_statistics(indices: Tensor, coeffs: Tensor, atoms: Tensor,
+                     coherence: bool = True) -> dict[str, Tensor | None]:
     """Atom usage of codes (N, S) over ``atoms`` (K, M, unit norm), as 0-dim tensors (no host sync, compile-safe).
 
     perplexity: exp of the entropy of the usage histogram (each used slot counts once; taming's formula for S=1);
     weighted_perplexity: the same with |coeff| as weights; active_atoms / dead_atoms: atoms used at least once / never;
-    coherence: max_{i != j} |<d_i, d_j>|.
+    coherence: max_{i != j} |<d_i, d_j>| (a K x K product; None when ``coherence`` is False).
     """
     k = atoms.shape[0]
     valid = indices >= 0
@@ -97,11 +98,14 @@ def usage_statistics(indices: Tensor, coeffs: Tensor, atoms: Tensor) -> dict[str
 
     perp, counts = perplexity(valid.float())
     weighted, _ = perplexity(coeffs.abs().float() * valid)
-    gram = (atoms.float() @ atoms.float().T).abs()
-    coherence = (gram - torch.eye(k, device=atoms.device)).clamp_min(0).amax() if k > 1 else gram.new_zeros(())
     active = (counts > 0).sum()
-    return {"perplexity": perp, "weighted_perplexity": weighted, "active_atoms": active, "dead_atoms": k - active,
-            "coherence": coherence}
+    stats = {"perplexity": perp, "weighted_perplexity": weighted, "active_atoms": active, "dead_atoms": k - active,
+             "coherence": None}
+    if coherence:
+        gram = (atoms.float() @ atoms.float().T).abs()
+        stats["coherence"] = (gram - torch.eye(k, device=atoms.device)).clamp_min(0).amax() if k > 1 else \
+            gram.new_zeros(())
+    return stats
 
 
 def straight_through(source: Tensor, value: Tensor) -> Tensor:

@@ -38,7 +38,8 @@ class VectorQuantizer(nn.Module):
         decay: EMA decay (0.99). eps: Laplace smoothing of the EMA cluster sizes.
 
     ``forward(z)`` returns ``(z_q, loss, info)`` with indices (N,) or, with ``sane_index_shape``, (B, H, W);
-    ``info`` also carries ``atom_indices`` (the same), ``coeffs`` (ones) and the usage statistics. The indices are
+    ``info`` also carries ``atom_indices`` (the same), ``coeffs`` (ones) and the usage statistics (``coherence`` of
+    the normalised codewords in eval mode only, None in training: a K x K product per step). The indices are
     the stage-2 tokens: ``vocab_size`` = n_e, ``tokens_per_site`` = 1, ``bits_per_site`` = log2 n_e.
     """
 
@@ -122,7 +123,9 @@ class VectorQuantizer(nn.Module):
             z_q = straight_through(z_sites, z_q)
         z_q = z_q.reshape(b, h, w, self.e_dim).permute(0, 3, 1, 2).contiguous().to(z.dtype)
         ones = torch.ones_like(indices, dtype=z.dtype)
-        stats = usage_statistics(indices[:, None], ones[:, None], F.normalize(weight.detach(), dim=1))
+        # coherence in eval mode only: its K x K product would cost more than the step at large K (2 s at K = 8192)
+        stats = usage_statistics(indices[:, None], ones[:, None], F.normalize(weight.detach(), dim=1),
+                                 coherence=not self.training)
         if self.sane_index_shape:
             indices, ones = indices.reshape(b, h, w), ones.reshape(b, h, w)
         return z_q, loss.to(z.dtype), QuantizerInfo(stats.pop("perplexity"), None, indices, atom_indices=indices,

@@ -140,3 +140,17 @@ def test_same_dtype_rules_as_the_sparse_bottleneck(gen, dtype, ema):
         z64 = z.clone().requires_grad_()
         q.train()(z64)[1].backward()
         assert z64.grad.dtype == torch.float64 and q.embedding.weight.grad is not None
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_coherence_in_eval_mode_only(gen, ema):
+    """Training steps skip the K x K coherence (None); eval mode reports max_{i != j} |cos(e_i, e_j)|, restated in
+    float64 from the codebook."""
+    q = VectorQuantizer(16, 3, ema=ema)
+    with torch.no_grad():
+        q.embedding.weight.normal_(generator=gen)
+    z = torch.randn(2, 3, 4, 4, generator=gen)
+    assert q.train()(z)[2].coherence is None
+    w = torch.nn.functional.normalize(q.embedding.weight.detach().double(), dim=1)
+    cos = (w @ w.T).abs().fill_diagonal_(0)
+    assert q.eval()(z)[2].coherence.item() == pytest.approx(cos.max().item(), rel=1e-5)
