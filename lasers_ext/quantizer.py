@@ -99,13 +99,15 @@ def usage_statistics(indices: Tensor, coeffs: Tensor, atoms: Tensor,
     perp, counts = perplexity(valid.float())
     weighted, _ = perplexity(coeffs.abs().float() * valid)
     active = (counts > 0).sum()
-    stats = {"perplexity": perp, "weighted_perplexity": weighted, "active_atoms": active, "dead_atoms": k - active,
-             "coherence": None}
-    if coherence:
-        gram = (atoms.float() @ atoms.float().T).abs()
-        stats["coherence"] = (gram - torch.eye(k, device=atoms.device)).clamp_min(0).amax() if k > 1 else \
-            gram.new_zeros(())
-    return stats
+    return {"perplexity": perp, "weighted_perplexity": weighted, "active_atoms": active, "dead_atoms": k - active,
+            "coherence": _coherence(atoms) if coherence else None}
+
+
+def _coherence(atoms: Tensor) -> Tensor:
+    """max_{i != j} |<d_i, d_j>| of ``atoms`` (K, M), a 0-dim float32 tensor (0 for K = 1)."""
+    k = atoms.shape[0]
+    gram = (atoms.float() @ atoms.float().T).abs()
+    return (gram - torch.eye(k, device=atoms.device)).clamp_min(0).amax() if k > 1 else gram.new_zeros(())
 
 
 def straight_through(source: Tensor, value: Tensor) -> Tensor:
